@@ -1,0 +1,61 @@
+# Scriptorium: `make run` and `make test` work from a fresh clone (they set up .venv on first use).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+
+export SCRIPTORIUM_DATA ?= $(CURDIR)/data
+export SCRIPTORIUM_PROFILE ?= demo
+export DAGSTER_HOME ?= $(CURDIR)/dagster_home
+MIRROR ?=
+MIRROR_PORT ?= 8765
+DAGSTER_PORT ?= 3000
+MLFLOW_PORT ?= 5000
+
+.PHONY: setup run test lint ui bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+# With MIRROR=DIR, the project's mirror server serves DIR on loopback for the duration of the run.
+run: setup
+	@mkdir -p "$(SCRIPTORIUM_DATA)" "$(DAGSTER_HOME)"
+	@if [ -n "$(MIRROR)" ]; then \
+	  $(BIN)/scriptorium mirror serve "$(MIRROR)" --port $(MIRROR_PORT) & pid=$$!; \
+	  trap "kill $$pid 2>/dev/null" EXIT; \
+	  $(BIN)/scriptorium mirror wait --port $(MIRROR_PORT) || exit 1; \
+	  export GUTENBERG_MIRROR=http://127.0.0.1:$(MIRROR_PORT); \
+	  export HF_ENDPOINT=http://127.0.0.1:$(MIRROR_PORT); \
+	  export SCRIPTORIUM_FILES_MIRROR=http://127.0.0.1:$(MIRROR_PORT)/files; \
+	  $(BIN)/dagster asset materialize -m pipeline.definitions --select '*'; \
+	else \
+	  $(BIN)/dagster asset materialize -m pipeline.definitions --select '*'; \
+	fi
+
+test: setup
+	$(BIN)/ruff check pipeline llm_core tests benchmarks
+	$(BIN)/python -m pytest -q tests
+
+lint: setup
+	$(BIN)/ruff check pipeline llm_core tests benchmarks
+	$(BIN)/ruff format --check pipeline llm_core tests benchmarks
+
+ui: setup
+	@mkdir -p "$(SCRIPTORIUM_DATA)" "$(DAGSTER_HOME)"
+	@echo "Dagster UI: http://127.0.0.1:$(DAGSTER_PORT)   MLflow UI: http://127.0.0.1:$(MLFLOW_PORT)"
+	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(SCRIPTORIUM_DATA)/mlflow.db}" --port $(MLFLOW_PORT) & \
+	$(BIN)/dagster dev -w workspace.yaml -p $(DAGSTER_PORT)
+
+bench: setup
+	$(BIN)/python benchmarks/data_stages.py
+	$(BIN)/python benchmarks/train_throughput.py
+
+clean:
+	rm -rf data .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Scriptorium model and training library (PyTorch only; never imports Dagster)."""

@@ -1,0 +1,156 @@
+"""Typed configuration for models and training runs, and profile loading.
+
+A *profile* (``configs/profiles/<name>.yaml``) names every knob once. ``vocab_size`` and
+``context_length`` live at the top level of the profile because the tokenizer, the token shards and
+the model all need them: reading them from one place is what keeps the three consistent.
+
+This module is plain Python (no Dagster, no torch) so notebooks, ``torchrun`` scripts and the
+pipeline share it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROFILE_ENV = "SCRIPTORIUM_PROFILE"
+DEFAULT_PROFILE = "demo"
+
+
+def configs_dir() -> Path:
+    """The ``configs/`` folder: ``SCRIPTORIUM_CONFIGS`` if set, else the one beside the packages."""
+    env = os.environ.get("SCRIPTORIUM_CONFIGS")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the decoder-only transformer (Llama-style blocks)."""
+
+    vocab_size: int
+    context_length: int
+    n_layer: int
+    n_head: int
+    d_model: int
+    ffn_hidden: int
+    n_kv_head: int | None = None  # None means plain multi-head attention (n_kv_head == n_head)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        kv = self.kv_heads
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        if (self.d_model // self.n_head) % 2:
+            raise ValueError("head dimension must be even for rotary embeddings")
+        if self.n_head % kv:
+            raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_head={kv}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. The same fields serve pretraining, SFT and alignment stages."""
+
+    steps: int
+    batch_size: int
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+    log_every: int = 10
+    dtype: str = "float32"  # float32 | bfloat16 (autocast)
+    compile: bool = False
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    peak_flops: float | None = None  # for MFU; None picks a per-device default
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        known = {k: v for k, v in d.items() if k in names}
+        extra = {k: v for k, v in d.items() if k not in names}
+        if extra:
+            known["extra"] = {**known.get("extra", {}), **extra}
+        return cls(**known)
+
+
+def profile_name() -> str:
+    return os.environ.get(PROFILE_ENV, DEFAULT_PROFILE)
+
+
+def load_profile(name_or_path: str | None = None) -> dict[str, Any]:
+    """Load a profile by name (``tiny``, ``demo`` …) or by path to a YAML file.
+
+    Raises a ``FileNotFoundError`` that lists the available profiles when the name is unknown.
+    """
+    ref = name_or_path or profile_name()
+    path = Path(ref)
+    if path.suffix not in {".yaml", ".yml"}:
+        path = configs_dir() / "profiles" / f"{ref}.yaml"
+    if not path.exists():
+        available = sorted(p.stem for p in (configs_dir() / "profiles").glob("*.yaml"))
+        raise FileNotFoundError(f"profile {ref!r} not found at {path}; available: {available}")
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict) or "vocab_size" not in data:
+        raise ValueError(f"profile {path} must be a mapping with at least 'vocab_size'")
+    return data
+
+
+def model_config_from_profile(profile: dict[str, Any]) -> ModelConfig:
+    """The model shape: the ``model`` section plus the profile-wide vocab and context sizes."""
+    return ModelConfig(
+        vocab_size=int(profile["vocab_size"]),
+        context_length=int(profile["context_length"]),
+        **profile["model"],
+    )
+
+
+def train_config_from_profile(profile: dict[str, Any], stage: str = "pretrain") -> TrainConfig:
+    """The training run of ``stage`` (``pretrain``, ``sft`` …), seeded by the profile's seed."""
+    section = dict(profile.get(stage) or {})
+    section.setdefault("seed", profile.get("seed", 1337))
+    return TrainConfig.from_dict(section)

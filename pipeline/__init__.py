@@ -1,0 +1,1 @@
+"""Scriptorium Dagster code location and the data-stage processing code."""
