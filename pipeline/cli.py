@@ -1,0 +1,102 @@
+"""``scriptorium`` console script.
+
+Each subcommand is one ``_cmd_*`` function registered in :func:`build_parser`; heavy modules
+(torch, the model code) must be imported inside those functions so ``scriptorium mirror wait``
+stays instant and works in environments without a GPU stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+DEFAULT_MIRROR_PORT = 8765
+
+
+def _cmd_mirror_serve(args: argparse.Namespace) -> int:
+    """Serve a data mirror until SIGINT/SIGTERM (the Makefile runs this in the background)."""
+    from pipeline.sources.mirror import MirrorServer
+
+    root = Path(args.dir)
+    if not root.is_dir():
+        print(f"scriptorium mirror serve: {root} is not a directory", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    try:
+        server = MirrorServer(root, host=args.host, port=args.port)
+    except OSError as exc:  # port in use, bad host: a message, not a traceback
+        print(
+            f"scriptorium mirror serve: cannot listen on {args.host}:{args.port}: {exc}",
+            file=sys.stderr,
+        )
+        return 1
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with server:
+            print(f"serving {root.resolve()} at {server.url}", flush=True)
+            while not stop.wait(0.5):
+                pass
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    print("mirror stopped", flush=True)
+    return 0
+
+
+def _cmd_mirror_wait(args: argparse.Namespace) -> int:
+    """Exit 0 once the mirror answers HTTP, 1 after ``--timeout`` seconds."""
+    from pipeline.sources.mirror import wait_until_up
+
+    url = args.url or f"http://{args.host}:{args.port}/"
+    try:
+        wait_until_up(url, timeout=args.timeout)
+    except TimeoutError as exc:
+        print(f"scriptorium mirror wait: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_mirror(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    mirror = subparsers.add_parser("mirror", help="serve or wait for the local data mirror")
+    actions = mirror.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    serve = actions.add_parser("serve", help="serve DIR (gutenberg/, files/, ...) over HTTP")
+    serve.add_argument("dir", metavar="DIR", help="mirror root, e.g. ../shared/mirror")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=DEFAULT_MIRROR_PORT, help="0 picks a free port")
+    serve.set_defaults(func=_cmd_mirror_serve)
+
+    wait = actions.add_parser("wait", help="block until the mirror answers")
+    wait.add_argument("--host", default="127.0.0.1")
+    wait.add_argument("--port", type=int, default=DEFAULT_MIRROR_PORT)
+    wait.add_argument("--url", default=None, help="probe this URL instead of host:port")
+    wait.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    wait.set_defaults(func=_cmd_mirror_wait)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser; add a subcommand with one ``_add_*`` call here."""
+    parser = argparse.ArgumentParser(
+        prog="scriptorium", description="Scriptorium: public-domain books to a chat model."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_mirror(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
