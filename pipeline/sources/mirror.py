@@ -2,12 +2,13 @@
 
 The download code is only trustworthy if it runs unchanged against something that behaves like
 the real sites, including their failures. This server serves ``root/gutenberg/<path>`` at
-``/<path>`` (gutenberg.org's layout) and ``root/files/<host>/<path>`` at ``/files/<host>/<path>``,
-with the HTTP details clients rely on (Content-Length, ETag, Last-Modified, HEAD, Range), and a
+``/<path>`` (gutenberg.org's layout), ``root/files/<host>/<path>`` at ``/files/<host>/<path>``
+and, when ``root/hf/datasets`` exists, the Hugging Face Hub API
+(:mod:`pipeline.sources.hub_mirror`), with the HTTP details clients rely on (Content-Length, ETag, Last-Modified, HEAD, Range), and a
 :class:`FaultPlan` that injects 5xx/429/404 answers, connection resets, truncated bodies and stalls
 per URL path, logging every request so tests can assert what was (not) fetched.
 
-Routing is a table of :class:`Route` objects tried in order; more sites (e.g. the Hugging Face Hub
+Routing is a table of :class:`Route` objects tried in order; more sites (e.g. a test's own fake
 API) are added by passing ``routes=`` or calling :meth:`MirrorServer.add_route`, which puts them
 ahead of the catch-all Gutenberg route.
 """
@@ -159,11 +160,13 @@ def static_route(name: str, prefix: str, base: Path) -> Route:
 
 
 def default_routes(root: Path) -> list[Route]:
-    """Plain-URL files first, then the catch-all gutenberg.org layout."""
-    return [
-        static_route("files", "/files/", root / "files"),
-        static_route("gutenberg", "/", root / "gutenberg"),
-    ]
+    """Plain-URL files, the Hub API when ``root/hf/datasets`` exists, then the gutenberg.org layout."""
+    routes = [static_route("files", "/files/", root / "files")]
+    if (root / "hf" / "datasets").is_dir():
+        from pipeline.sources.hub_mirror import hub_routes  # imports this module: import it late
+
+        routes.extend(hub_routes(root / "hf" / "datasets"))
+    return [*routes, static_route("gutenberg", "/", root / "gutenberg")]
 
 
 class RangeNotSatisfiable(Exception):
