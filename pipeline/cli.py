@@ -83,6 +83,77 @@ def _add_mirror(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     wait.set_defaults(func=_cmd_mirror_wait)
 
 
+def _resolve_tokenizer(weights: Path, explicit: str | None) -> Path:
+    """The tokenizer beside the weights, else the data root's ``bpe_tokenizer`` artefact."""
+    import os
+
+    candidates = [Path(explicit)] if explicit else []
+    candidates += [
+        weights / "tokenizer.json",
+        Path(os.environ.get("SCRIPTORIUM_DATA", "data")) / "bpe_tokenizer" / "tokenizer.json",
+    ]
+    for c in candidates:
+        if c.exists():
+            return c
+    raise FileNotFoundError(
+        f"no tokenizer.json beside {weights} or in $SCRIPTORIUM_DATA/bpe_tokenizer; pass --tokenizer"
+    )
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    """Stream a continuation of PROMPT from a weights folder (``model.safetensors`` + config)."""
+    from llm_core.checkpoint import load_weights
+    from llm_core.generate import stream
+    from llm_core.tokenizer import EOT, load_tokenizer
+
+    weights = Path(args.weights)
+    try:
+        tok = load_tokenizer(_resolve_tokenizer(weights, args.tokenizer))
+        model = load_weights(weights).eval()
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"scriptorium generate: {exc}", file=sys.stderr)
+        return 2
+    ids = tok.encode(args.prompt, add_special_tokens=False).ids
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    emitted: list[int] = []
+    shown = ""
+    for token in stream(
+        model,
+        ids,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k or None,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        stop_ids=(tok.token_to_id(EOT),),
+        seed=args.seed,
+    ):
+        # Decode the whole tail each time: byte-level tokens may split a UTF-8 character.
+        emitted.append(token)
+        text = tok.decode(emitted, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(shown) :])
+            sys.stdout.flush()
+            shown = text
+    sys.stdout.write("\n")
+    return 0
+
+
+def _add_generate(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    gen = subparsers.add_parser("generate", help="stream a continuation of a prompt")
+    gen.add_argument("prompt", metavar="PROMPT")
+    gen.add_argument("--weights", required=True, help="folder with model.safetensors + config.json")
+    gen.add_argument("--tokenizer", default=None, help="tokenizer.json (default: beside weights)")
+    gen.add_argument("--max-new-tokens", type=int, default=100)
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-k", type=int, default=50)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.set_defaults(func=_cmd_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full parser; add a subcommand with one ``_add_*`` call here."""
     parser = argparse.ArgumentParser(
@@ -90,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_mirror(subparsers)
+    _add_generate(subparsers)
     return parser
 
 

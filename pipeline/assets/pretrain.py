@@ -1,0 +1,103 @@
+"""``pretrained_weights``: pretraining in a subprocess through Dagster Pipes.
+
+The asset only assembles plain arguments (paths, profile, MLflow store and tags) and launches
+``python -m pipeline.train_child`` (or ``torchrun`` for several processes). Progress streams into
+the Dagster run and the child reports the materialisation with its metadata.
+"""
+
+import json
+import os
+import shutil
+import sys
+
+import dagster as dg
+
+from pipeline.assets.tokens import bpe_tokenizer, token_shards
+from pipeline.io import version_hash
+from pipeline.resources import Compute, MlflowTracking, Paths, Profile
+
+GROUP = "training"
+CODE_VERSION = "1"
+REGISTERED_MODEL = "scriptorium-pretrained"
+
+
+class PretrainConfig(dg.Config):
+    """Run-time knobs; the model and schedule come from the profile."""
+
+    resume: bool = False  # continue from the latest checkpoint of the same config
+    steps: int = 0  # 0 keeps the profile's pretrain.steps
+
+
+def upstream_versions(context: dg.AssetExecutionContext, keys: list[str]) -> dict[str, str]:
+    """The data versions of the upstream artefacts this run reads (for MLflow tags)."""
+    out = {}
+    for key in keys:
+        event = context.instance.get_latest_materialization_event(dg.AssetKey(key))
+        tags = (event.asset_materialization.tags or {}) if event and event.asset_materialization else {}
+        out[key] = tags.get("dagster/data_version", "unknown")
+    return out
+
+
+def training_command(compute: Compute, module: str) -> list[str]:
+    if compute.nproc_per_node > 1:
+        return [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={compute.nproc_per_node}", "-m", module,
+        ]  # fmt: skip
+    return [sys.executable, "-m", module]
+
+
+@dg.asset(
+    group_name=GROUP,
+    code_version=CODE_VERSION,
+    deps=[token_shards, bpe_tokenizer],
+    pool="train",
+    kinds={"pytorch", "mlflow"},
+)
+def pretrained_weights(
+    context: dg.AssetExecutionContext,
+    config: PretrainConfig,
+    paths: Paths,
+    profile: Profile,
+    mlflow: MlflowTracking,
+    compute: Compute,
+) -> dg.MaterializeResult:
+    """A from-scratch decoder-only model trained on the token shards (``model.safetensors``)."""
+    shards = paths.require("token_shards", "manifest.json").parent
+    tokenizer = paths.require("bpe_tokenizer", "tokenizer.json")
+    out = paths.asset_dir("pretrained_weights")
+    if not config.resume and (out / "checkpoints").exists():
+        shutil.rmtree(out / "checkpoints")
+    p = profile.load()
+    upstream = upstream_versions(context, ["token_shards", "bpe_tokenizer"])
+    tags = {
+        "dagster.run_id": context.run.run_id,
+        "dagster.asset_key": context.asset_key.to_user_string(),
+        "dagster.partition": context.partition_key if context.has_partition_key else "",
+        "scriptorium.profile": str(p.get("name")),
+        **{f"upstream.{k}": v for k, v in upstream.items()},
+    }
+    extras = {
+        "stage": "pretrain",
+        "profile": profile.name,
+        "shards_dir": str(shards),
+        "tokenizer": str(tokenizer),
+        "out_dir": str(out),
+        "resume": config.resume,
+        "steps": config.steps,
+        "device": compute.device,
+        "mlflow_uri": mlflow.uri(paths),
+        "experiment": mlflow.experiment,
+        "run_name": f"pretrain-{p.get('name')}-{context.run.run_id[:8]}",
+        "tags": tags,
+        "registered_model": REGISTERED_MODEL,
+        "data_version": version_hash(upstream, p.get("model"), p.get("pretrain"), config.steps),
+    }
+    env = {**os.environ, "SCRIPTORIUM_TRAIN_EXTRAS": json.dumps(extras)}
+    client = dg.PipesSubprocessClient()
+    return client.run(
+        command=training_command(compute, "pipeline.train_child"),
+        context=context,
+        extras=extras,
+        env=env,
+    ).get_materialize_result()

@@ -1,0 +1,130 @@
+"""Dagster resources: where artefacts live, which profile is active, where sources are, tracking.
+
+Each resource is a typed ``ConfigurableResource`` so the UI's launchpad shows and validates it.
+Defaults come from the environment variables named in the developers' guide, read once when the
+code location loads (``resources_from_env``), never from module-level globals.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from llm_core.config import (
+    ModelConfig,
+    TrainConfig,
+    load_profile,
+    model_config_from_profile,
+    train_config_from_profile,
+)
+
+GUTENBERG_DEFAULT = "https://www.gutenberg.org"
+USER_AGENT = "Scriptorium/0.1 (+https://github.com/scriptorium-llm/scriptorium)"
+
+
+class Paths(dg.ConfigurableResource):
+    """The artefact root; each asset owns ``<data_root>/<asset_key>/``."""
+
+    data_root: str
+
+    def root(self) -> Path:
+        p = Path(self.data_root).expanduser().resolve()
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def asset_dir(self, key: str | dg.AssetKey, *, create: bool = True) -> Path:
+        """``<data_root>/<key>`` for ``gutenberg_books`` or ``sft_sources/alpaca`` alike."""
+        rel = "/".join(key.path) if isinstance(key, dg.AssetKey) else key
+        p = self.root() / rel
+        if create:
+            p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def require(self, key: str, filename: str) -> Path:
+        """An upstream artefact, with an error that says which asset to materialise first."""
+        p = self.asset_dir(key, create=False) / filename
+        if not p.exists():
+            raise FileNotFoundError(f"{p} is missing: materialise the `{key}` asset first")
+        return p
+
+
+class Profile(dg.ConfigurableResource):
+    """The active profile (``tiny``, ``demo``, ``small``, ``gpt2-124m``) or a path to a YAML."""
+
+    name: str
+
+    def load(self) -> dict[str, Any]:
+        return load_profile(self.name)
+
+    def section(self, key: str) -> dict[str, Any]:
+        return dict(self.load().get(key) or {})
+
+    def get_model_config(self) -> ModelConfig:
+        return model_config_from_profile(self.load())
+
+    def get_train_config(self, stage: str) -> TrainConfig:
+        return train_config_from_profile(self.load(), stage)
+
+
+class GutenbergSource(dg.ConfigurableResource):
+    """A gutenberg.org-style site: the real one, or the project's mirror server."""
+
+    base_url: str = GUTENBERG_DEFAULT
+    user_agent: str = USER_AGENT
+
+
+class HubSource(dg.ConfigurableResource):
+    """Where SFT and evaluation data come from: the Hugging Face Hub (or a mirror of its API) and
+    plain URLs (optionally rewritten onto a files mirror, ``<files_mirror>/<host>/<path>``).
+
+    ``token`` is bound to ``dg.EnvVar("HF_TOKEN")`` by ``resources_from_env``, so the secret is
+    resolved in the step process and never shown in the UI or written to the event log.
+    """
+
+    endpoint: str = ""  # empty: huggingface.co
+    token: str | None = None
+    files_mirror: str = ""  # empty: fetch plain URLs from their own hosts
+    cache_dir: str = ""  # huggingface_hub cache; empty: <data_root>/hf_cache
+
+    def cache(self, paths: Paths) -> Path:
+        return Path(self.cache_dir).expanduser() if self.cache_dir else paths.root() / "hf_cache"
+
+
+class MlflowTracking(dg.ConfigurableResource):
+    """Where MLflow runs go. Empty ``tracking_uri`` means SQLite under the data root."""
+
+    tracking_uri: str = ""
+    experiment: str = "scriptorium"
+
+    def uri(self, paths: Paths) -> str:
+        return self.tracking_uri or f"sqlite:///{paths.root() / 'mlflow.db'}"
+
+
+class Compute(dg.ConfigurableResource):
+    """Where training runs: ``device`` (auto/cpu/cuda) and processes per node for ``torchrun``."""
+
+    device: str = "auto"
+    nproc_per_node: int = 1
+
+
+def resources_from_env(env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Build the resource set from the documented environment variables."""
+    env = dict(os.environ if env is None else env)
+    return {
+        "paths": Paths(data_root=env.get("SCRIPTORIUM_DATA", "./data")),
+        "profile": Profile(name=env.get("SCRIPTORIUM_PROFILE", "demo")),
+        "gutenberg": GutenbergSource(base_url=env.get("GUTENBERG_MIRROR") or GUTENBERG_DEFAULT),
+        "mlflow": MlflowTracking(tracking_uri=env.get("MLFLOW_TRACKING_URI", "")),
+        "hub": HubSource(
+            endpoint=env.get("HF_ENDPOINT", ""),
+            token=dg.EnvVar("HF_TOKEN") if env.get("HF_TOKEN") else None,
+            files_mirror=env.get("SCRIPTORIUM_FILES_MIRROR", ""),
+        ),
+        "compute": Compute(
+            device=env.get("SCRIPTORIUM_DEVICE", "auto"),
+            nproc_per_node=int(env.get("SCRIPTORIUM_NPROC", "1")),
+        ),
+    }

@@ -1,0 +1,124 @@
+"""End to end on the tiny profile: the real ``dagster`` CLI against the mirror server.
+
+One CLI run materialises the whole graph into a temporary data root (``--select '*'``); the tests
+then read the artefacts, the asset checks, the Dagster event log and the MLflow store it left.
+A second test re-materialises ``pretrained_weights`` alone through ``dagster.materialize()``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from pipeline.sources.mirror import MirrorServer
+
+REPO = Path(__file__).resolve().parents[2]
+DAGSTER = Path(sys.executable).parent / "dagster"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(mirror_dir, tmp_path_factory):
+    data = tmp_path_factory.mktemp("data")
+    home = tmp_path_factory.mktemp("dagster_home")
+    (home / "dagster.yaml").write_text((REPO / "dagster_home" / "dagster.yaml").read_text())
+    with MirrorServer(mirror_dir) as server:
+        env = {
+            **os.environ,
+            "SCRIPTORIUM_DATA": str(data),
+            "SCRIPTORIUM_PROFILE": "tiny",
+            "GUTENBERG_MIRROR": server.url,
+            "DAGSTER_HOME": str(home),
+            "PYTHONUNBUFFERED": "1",
+        }
+        env.pop("MLFLOW_TRACKING_URI", None)
+        proc = subprocess.run(
+            [str(DAGSTER), "asset", "materialize", "-m", "pipeline.definitions", "--select", "*"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+    log = proc.stdout + proc.stderr
+    (data / "cli.log").write_text(log)
+    assert proc.returncode == 0, log[-6000:]
+    return data, home, env, log
+
+
+def test_data_stage_artefacts(tiny_run) -> None:
+    data, _, _, log = tiny_run
+    catalog = pl.read_parquet(data / "gutenberg_catalog" / "catalog.parquet")
+    assert catalog.height == 7
+    manifest = pl.read_parquet(data / "gutenberg_books" / "manifest.parquet")
+    assert set(manifest["status"]) == {"ok"}
+    books = pl.read_parquet(data / "cleaned_books" / "books.parquet")
+    rejects = pl.read_parquet(data / "cleaned_books" / "rejects.parquet")
+    assert books.height + rejects["id"].n_unique() == 7
+    assert set(books["language"]) == {"en"}
+    assert not books["text"].str.contains("Project Gutenberg").any()
+    assert (data / "bpe_tokenizer" / "tokenizer.json").exists()
+    shards = json.loads((data / "token_shards" / "manifest.json").read_text())
+    assert shards["dtype"] == "uint16" and shards["vocab_size"] == 1024
+    assert shards["splits"]["val"]["books"] >= 1
+    for entry in shards["shards"]:
+        arr = np.load(data / "token_shards" / entry["file"], mmap_mode="r")
+        assert arr.max() < 1024
+    # Blocking asset checks ran and passed (a failure would have failed the run).
+    for check in ("no_boilerplate_left", "tokenizer_roundtrip", "shards_valid"):
+        assert check in log
+
+
+def test_pretrained_weights_and_mlflow(tiny_run) -> None:
+    from mlflow import MlflowClient
+
+    data, _, _, _ = tiny_run
+    out = data / "pretrained_weights"
+    assert (out / "model.safetensors").exists() and (out / "config.json").exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 40
+    client = MlflowClient(tracking_uri=f"sqlite:///{data / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("scriptorium")
+    runs = client.search_runs([exp.experiment_id])
+    assert runs, "no MLflow run recorded"
+    run = runs[0]
+    assert run.data.tags["dagster.asset_key"] == "pretrained_weights"
+    assert run.data.tags["dagster.run_id"]
+    assert "upstream.token_shards" in run.data.tags
+    assert "loss" in run.data.metrics
+    assert run.data.params["model.n_layer"] == "2"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model", "plots"} <= artifacts
+    versions = client.search_model_versions("name='scriptorium-pretrained'")
+    assert versions
+
+
+def test_pretrained_weights_alone_through_materialize(tiny_run) -> None:
+    """``materialize()`` of the one asset reuses the upstream files and reports metadata."""
+    import dagster as dg
+
+    from pipeline.assets.pretrain import pretrained_weights
+    from pipeline.resources import resources_from_env
+
+    data, home, env, _ = tiny_run
+    resources = resources_from_env(env)
+    with dg.instance_for_test(temp_dir=str(home / "again")) as instance:
+        result = dg.materialize(
+            [pretrained_weights],
+            resources=resources,
+            instance=instance,
+            run_config={"ops": {"pretrained_weights": {"config": {"steps": 6}}}},
+        )
+    assert result.success
+    [event] = result.get_asset_materialization_events()
+    meta = event.materialization.metadata
+    assert meta["steps"].value == 6
+    assert meta["params"].value > 0
+    assert np.isfinite(meta["final_train_loss"].value)
+    assert "mlflow_run" in meta and "samples" in meta

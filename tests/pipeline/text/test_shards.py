@@ -1,0 +1,78 @@
+"""Cleaned books -> shards: split by book, EOT after each book, manifest consistent with files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+
+from llm_core.data import TokenShards, read_manifest
+from llm_core.tokenizer import train_bpe
+from pipeline.text.shards import encode_books_to_shards, split_val_books
+
+
+@pytest.fixture()
+def corpus(tmp_path):
+    rng = np.random.default_rng(0)
+    words = ["whale", "sea", "ship", "captain", "harpoon", "deck", "storm", "oil", "the", "a"]
+    rows = []
+    for i in range(1, 9):
+        text = " ".join(rng.choice(words, size=3000)) + f"\nBook {i} ends.\n"
+        rows.append({"id": i * 10, "title": f"Book {i}", "text": text})
+    books = tmp_path / "books.parquet"
+    pl.DataFrame(rows).write_parquet(books)
+    tok = train_bpe((r["text"] for r in rows), vocab_size=300)
+    tok_path = tmp_path / "tokenizer.json"
+    tok.save(str(tok_path))
+    return books, tok_path, tok, rows
+
+
+def test_split_is_deterministic_and_holds_out_at_least_one() -> None:
+    ids = list(range(1, 50))
+    a = split_val_books(ids, 3, seed=7)
+    assert a == split_val_books(reversed(ids), 3, seed=7)
+    assert len(a) == 3 and a <= set(ids)
+    assert split_val_books(ids, 3, seed=8) != a
+    assert len(split_val_books([1, 2], 5, seed=0)) == 1
+    assert split_val_books([1], 1, seed=0) == set()
+
+
+def test_shards_round_trip_books_with_eot(tmp_path, corpus) -> None:
+    books, tok_path, tok, rows = corpus
+    out = tmp_path / "shards"
+    val = {30}
+    manifest, stats = encode_books_to_shards(
+        books, tok_path, out, tokens_per_shard=2000, val_ids=val, vocab_size=300
+    )
+    assert read_manifest(out) == json.loads((out / "manifest.json").read_text())
+    assert manifest["dtype"] == "uint16"
+    assert manifest["splits"]["val"]["books"] == 1
+    assert manifest["splits"]["train"]["books"] == len(rows) - 1
+    for entry in manifest["shards"]:
+        arr = np.load(out / entry["file"], mmap_mode="r")
+        assert arr.shape[0] == entry["tokens"] <= 2000
+        assert int(arr.max()) < 300
+    # The val split decodes back to exactly the held-out book followed by <|endoftext|>.
+    val_tokens = np.concatenate(
+        [np.load(out / e["file"]) for e in manifest["shards"] if e["split"] == "val"]
+    )
+    assert val_tokens[-1] == manifest["eot_id"]
+    assert tok.decode(val_tokens[:-1].tolist(), skip_special_tokens=False) == rows[2]["text"]
+    assert manifest["splits"]["val"]["bytes"] == len(rows[2]["text"].encode())
+    train = TokenShards(out, "train")
+    assert len(train) == manifest["splits"]["train"]["tokens"]
+    # Every train book ends with EOT: the count of EOT tokens equals the number of books.
+    train_tokens = np.concatenate(
+        [np.load(out / e["file"]) for e in manifest["shards"] if e["split"] == "train"]
+    )
+    assert int((train_tokens == manifest["eot_id"]).sum()) == len(rows) - 1
+
+
+def test_vocab_mismatch_is_an_error(tmp_path, corpus) -> None:
+    books, tok_path, _, _ = corpus
+    with pytest.raises(ValueError, match="vocab_size"):
+        encode_books_to_shards(
+            books, tok_path, tmp_path / "s", tokens_per_shard=100, val_ids=set(), vocab_size=100
+        )
