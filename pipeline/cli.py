@@ -11,9 +11,13 @@ import argparse
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 DEFAULT_MIRROR_PORT = 8765
 
@@ -154,6 +158,113 @@ def _add_generate(subparsers: argparse._SubParsersAction[argparse.ArgumentParser
     gen.set_defaults(func=_cmd_generate)
 
 
+def _fit_history(tok: Tokenizer, history: list[dict[str, str]], budget: int) -> list[int]:
+    """Prompt ids for ``history`` within ``budget`` tokens: the oldest exchanges go first (a
+    system message stays), and a single over-long turn keeps its end, the part just answered."""
+    from llm_core.sft import encode_prompt
+
+    system = [m for m in history[:1] if m["role"] == "system"]
+    turns = history[len(system) :]
+    ids = encode_prompt(tok, [*system, *turns])
+    while len(ids) > budget and len(turns) > 1:
+        turns = turns[2:] if len(turns) > 2 else turns[1:]
+        ids = encode_prompt(tok, [*system, *turns])
+    return ids[-budget:]
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    """Multi-turn chat with an SFT model: the chat template, replies streamed as they come.
+
+    One line of stdin is one user turn (``/reset`` forgets the conversation, ``/exit`` or EOF
+    ends it), so the same command serves a terminal and a pipe.
+    """
+    from llm_core.checkpoint import load_weights
+    from llm_core.generate import stream
+    from llm_core.sft import ChatSpecials
+    from llm_core.tokenizer import load_tokenizer
+
+    weights = Path(args.weights)
+    try:
+        tok = load_tokenizer(_resolve_tokenizer(weights, args.tokenizer))
+        model = load_weights(weights).eval()
+        specials = ChatSpecials.from_tokenizer(tok)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"scriptorium chat: {exc}", file=sys.stderr)
+        return 2
+    context = model.config.context_length
+    budget = max(context - args.max_new_tokens, context // 2)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("chat: /reset starts over, /exit (or Ctrl-D) quits", file=sys.stderr)
+    while True:
+        if interactive:
+            sys.stdout.write("you> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history = list(system)
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        ids = _fit_history(tok, history, budget)
+        sys.stdout.write("assistant> ")  # also when piped: one marked reply per turn
+        reply = _stream_text(
+            tok,
+            stream(
+                model,
+                ids,
+                args.max_new_tokens,
+                temperature=args.temperature,
+                top_k=args.top_k or None,
+                top_p=args.top_p,
+                repetition_penalty=args.repetition_penalty,
+                stop_ids=(specials.end, specials.eot),
+                seed=args.seed,
+            ),
+        )
+        history.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def _stream_text(tok: Tokenizer, tokens: Iterable[int]) -> str:
+    """Write decoded text as tokens arrive; returns the whole reply (stripped)."""
+    emitted: list[int] = []
+    shown = ""
+    for token in tokens:
+        # Decode the whole tail each time: byte-level tokens may split a UTF-8 character.
+        emitted.append(token)
+        text = tok.decode(emitted, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(shown) :])
+            sys.stdout.flush()
+            shown = text
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return tok.decode(emitted, skip_special_tokens=True).strip()
+
+
+def _add_chat(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    chat = subparsers.add_parser("chat", help="multi-turn chat with an SFT model (streamed)")
+    chat.add_argument("--weights", required=True, help="folder with model.safetensors, config")
+    chat.add_argument("--tokenizer", default=None, help="tokenizer.json (default: beside weights)")
+    chat.add_argument("--system", default=None, help="system message for the conversation")
+    chat.add_argument("--max-new-tokens", type=int, default=200)
+    chat.add_argument("--temperature", type=float, default=0.7)
+    chat.add_argument("--top-k", type=int, default=50)
+    chat.add_argument("--top-p", type=float, default=None)
+    chat.add_argument("--repetition-penalty", type=float, default=1.1)
+    chat.add_argument("--seed", type=int, default=None)
+    chat.set_defaults(func=_cmd_chat)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full parser; add a subcommand with one ``_add_*`` call here."""
     parser = argparse.ArgumentParser(
@@ -162,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_mirror(subparsers)
     _add_generate(subparsers)
+    _add_chat(subparsers)
     return parser
 
 

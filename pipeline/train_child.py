@@ -89,10 +89,8 @@ def chat_answers(
     ids = [encode_prompt(tok, [{"role": "user", "content": p}]) for p in prompts]
     n_new = max(1, min(n_new, model.config.context_length - max(map(len, ids))))
     new = generate(model, ids, n_new, temperature=0.0, stop_ids=(sp.end, sp.eot), pad_id=sp.pad)
-    return {
-        p: tok.decode(a, skip_special_tokens=True).strip()
-        for p, a in zip(prompts, new, strict=True)
-    }
+    answers = (tok.decode(a, skip_special_tokens=True).strip() for a in new)
+    return {p: a or "(no text)" for p, a in zip(prompts, answers, strict=True)}
 
 
 def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:

@@ -8,8 +8,6 @@ A second test re-materialises ``pretrained_weights`` alone through ``dagster.mat
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipeline.sources.mirror import MirrorServer
+from tests.e2e.tiny_graph import run_tiny_graph
 
 REPO = Path(__file__).resolve().parents[2]
 DAGSTER = Path(sys.executable).parent / "dagster"
@@ -25,31 +23,8 @@ DAGSTER = Path(sys.executable).parent / "dagster"
 
 @pytest.fixture(scope="module")
 def tiny_run(mirror_dir, tmp_path_factory):
-    data = tmp_path_factory.mktemp("data")
-    home = tmp_path_factory.mktemp("dagster_home")
-    (home / "dagster.yaml").write_text((REPO / "dagster_home" / "dagster.yaml").read_text())
-    with MirrorServer(mirror_dir) as server:
-        env = {
-            **os.environ,
-            "SCRIPTORIUM_DATA": str(data),
-            "SCRIPTORIUM_PROFILE": "tiny",
-            "GUTENBERG_MIRROR": server.url,
-            "DAGSTER_HOME": str(home),
-            "PYTHONUNBUFFERED": "1",
-        }
-        env.pop("MLFLOW_TRACKING_URI", None)
-        proc = subprocess.run(
-            [str(DAGSTER), "asset", "materialize", "-m", "pipeline.definitions", "--select", "*"],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-    log = proc.stdout + proc.stderr
-    (data / "cli.log").write_text(log)
-    assert proc.returncode == 0, log[-6000:]
-    return data, home, env, log
+    # One CLI run per session, shared with test_tiny_sft.py (see tests/e2e/tiny_graph.py).
+    return run_tiny_graph(mirror_dir, tmp_path_factory)
 
 
 def test_data_stage_artefacts(tiny_run) -> None:
@@ -85,7 +60,9 @@ def test_pretrained_weights_and_mlflow(tiny_run) -> None:
     assert metrics["steps"] == 40
     client = MlflowClient(tracking_uri=f"sqlite:///{data / 'mlflow.db'}")
     exp = client.get_experiment_by_name("scriptorium")
-    runs = client.search_runs([exp.experiment_id])
+    runs = client.search_runs(
+        [exp.experiment_id], "tags.`dagster.asset_key` = 'pretrained_weights'"
+    )
     assert runs, "no MLflow run recorded"
     run = runs[0]
     assert run.data.tags["dagster.asset_key"] == "pretrained_weights"
@@ -108,6 +85,7 @@ def test_pretrained_weights_alone_through_materialize(tiny_run) -> None:
 
     data, home, env, _ = tiny_run
     resources = resources_from_env(env)
+    (home / "again").mkdir(exist_ok=True)  # instance_for_test writes its dagster.yaml there
     with dg.instance_for_test(temp_dir=str(home / "again")) as instance:
         result = dg.materialize(
             [pretrained_weights],

@@ -1,0 +1,407 @@
+"""SFT stages: ``sft_sources/<id>`` and ``eval_sets`` -> ``sft_mixture`` -> ``sft_weights``.
+
+* ``sft_sources/<id>``: one asset per entry of ``configs/sft_sources.yaml``, made by
+  :func:`sft_sources_asset`, so each source can be refreshed alone (a changed upstream file, a new
+  adapter) while ``--select '*'`` still builds everything (in one step: see the factory). Files
+  come from the Hub through ``huggingface_hub`` (pinned revision, data files only, never a
+  loading script) or from a plain URL (sha256-pinned); :func:`adapt_source` converts them.
+* ``eval_sets``: the evaluation prompts of ``configs/eval_sets.yaml``, fetched the same way.
+* ``sft_mixture``: :func:`pipeline.text.sft_mix.build_mixture` over every source, decontaminated
+  against ``eval_sets``, token limits measured with ``bpe_tokenizer``.
+* ``sft_weights``: fine-tuning of ``pretrained_weights`` in a Pipes subprocess
+  (``pipeline.train_child``, stage ``sft``), like pretraining.
+
+Thin assets: each calls tested functions, writes its files atomically and returns metadata.
+"""
+
+import json
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import dagster as dg
+import numpy as np
+import polars as pl
+
+from llm_core.config import configs_dir
+from pipeline.assets.pretrain import training_command, upstream_versions
+from pipeline.io import (
+    atomic_write_json,
+    atomic_write_parquet,
+    files_hash,
+    sha256_file,
+    version_hash,
+)
+from pipeline.resources import Compute, HubSource, MlflowTracking, Paths, Profile
+from pipeline.sources.hub import FILES_MIRROR_ENV, download_dataset_files, download_url
+from pipeline.text.adapters import ROWS_SCHEMA, SftSource, adapt_source, load_sft_sources
+from pipeline.text.decontam import EvalSet, NgramIndex, eval_prompts, load_eval_sets
+from pipeline.text.sft_mix import MixConfig, build_mixture, check_consistent
+
+GROUP = "sft"
+CODE_VERSION = "1"
+SOURCES_PREFIX = "sft_sources"
+REGISTERED_MODEL = "scriptorium-sft"
+
+
+def sources_config() -> Path:
+    return configs_dir() / "sft_sources.yaml"
+
+
+def eval_sets_config() -> Path:
+    return configs_dir() / "eval_sets.yaml"
+
+
+# ------------------------------------------------------------------------------ downloads
+def _mirrored(url: str, files_mirror: str) -> str:
+    """``https://host/path`` -> ``<files_mirror>/host/path`` (the layout the mirror serves)."""
+    parts = urlsplit(url)
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{files_mirror.rstrip('/')}/{parts.netloc}{parts.path}{query}"
+
+
+def fetch_files(entry: SftSource | EvalSet, dest: Path, hub: HubSource, paths: Paths) -> list[Path]:
+    """Download one SFT source or evaluation set; returns its local files, sorted.
+
+    Hub entries land in the shared ``huggingface_hub`` cache (read-only paths); URL entries in
+    ``dest/files/``. ``download_url`` itself applies ``$SCRIPTORIUM_FILES_MIRROR``; a resource
+    configured with a files mirror the environment lacks rewrites the URL here instead (an empty
+    one defers to the environment), and two different mirrors are refused, not applied twice.
+    """
+    if entry.repo is not None:
+        assert entry.revision is not None
+        return download_dataset_files(
+            entry.repo,
+            entry.revision,
+            entry.patterns,
+            hub.cache(paths),
+            endpoint=hub.endpoint or None,
+            token=hub.token or None,
+        )
+    assert entry.url is not None
+    env_mirror = os.environ.get(FILES_MIRROR_ENV, "")
+    url = entry.url
+    if hub.files_mirror and hub.files_mirror.rstrip("/") != env_mirror.rstrip("/"):
+        if env_mirror:
+            raise ValueError(
+                f"HubSource.files_mirror={hub.files_mirror!r} conflicts with "
+                f"${FILES_MIRROR_ENV}={env_mirror!r}; unset one of them"
+            )
+        url = _mirrored(url, hub.files_mirror)
+    name = Path(urlsplit(entry.url).path).name
+    return [download_url(url, dest / "files" / name, sha256=entry.sha256)]
+
+
+def _origin(entry: SftSource | EvalSet, hub: HubSource) -> str:
+    if entry.repo is not None:
+        base = hub.endpoint or "https://huggingface.co"
+        return f"{base.rstrip('/')}/datasets/{entry.repo} @ {entry.revision}"
+    return str(entry.url)
+
+
+def _display_name(path: Path) -> str:
+    """A file's name as its origin knows it: the repo path for a Hub snapshot file (BLiMP has six
+    ``train-00000-of-00001.parquet``, one per config folder), else the file name."""
+    parts = path.parts
+    if "snapshots" in parts:
+        return "/".join(parts[parts.index("snapshots") + 2 :])
+    return path.name
+
+
+def _preview(rows: pl.DataFrame, n: int = 3, chars: int = 160) -> str:
+    lines = []
+    for msgs in rows["messages"].head(n).to_list():
+        turns = [f"**{m['role']}**: {m['content'][:chars]!r}" for m in msgs]
+        lines.append("- " + "<br>".join(turns))
+    return "\n".join(lines) or "(no rows)"
+
+
+# ------------------------------------------------------------------------------ sft_sources/*
+def _rows_problems(rows: pl.DataFrame) -> list[str]:
+    """What makes a source's rows unusable downstream (empty list when they are fine)."""
+    problems = []
+    if rows.schema != ROWS_SCHEMA:
+        problems.append(f"schema {dict(rows.schema)} != {dict(ROWS_SCHEMA)}")
+    elif rows.height == 0:
+        problems.append("no rows")
+    else:
+        if not rows["source_id"].is_unique().all():
+            problems.append("duplicate source_id values")
+        last = rows.select(pl.col("messages").list.last().struct.field("role")).to_series()
+        if (last != "assistant").any():
+            problems.append("a conversation does not end with the assistant")
+    return problems
+
+
+def source_key(source: SftSource) -> dg.AssetKey:
+    return dg.AssetKey([SOURCES_PREFIX, source.id])
+
+
+def materialize_source(source: SftSource, paths: Paths, hub: HubSource) -> dg.MaterializeResult:
+    """Download, adapt and write one source; its result carries the ``rows_valid`` check."""
+    key = source_key(source)
+    out = paths.asset_dir(key)
+    files = fetch_files(source, out, hub, paths)
+    rows, rejects = adapt_source(source, files)
+    atomic_write_parquet(rows, out / "rows.parquet")
+    atomic_write_parquet(rejects, out / "rejects.parquet")
+    problems = _rows_problems(rows)
+    reasons = dict(rejects.group_by("reason").len().iter_rows()) if rejects.height else {}
+    return dg.MaterializeResult(
+        asset_key=key,
+        metadata={
+            "rows": rows.height,
+            "rejects": rejects.height,
+            "reject_reasons": dg.MetadataValue.json(reasons),
+            "origin": _origin(source, hub),
+            "files": dg.MetadataValue.json({_display_name(f): sha256_file(f) for f in files}),
+            "licence": source.licence,
+            "non_commercial": source.non_commercial,
+            "preview": dg.MetadataValue.md(_preview(rows)),
+            "path": dg.MetadataValue.path(str(out / "rows.parquet")),
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                asset_key=key,
+                check_name="rows_valid",
+                passed=not problems,
+                metadata={"problems": dg.MetadataValue.json(problems)},
+            )
+        ],
+        data_version=dg.DataVersion(version_hash(files_hash(files), source.adapter)),
+    )
+
+
+def sft_sources_asset(sources: Sequence[SftSource]) -> dg.AssetsDefinition:
+    """One asset ``sft_sources/<id>`` per registry entry, all computed by one subsettable step.
+
+    Each source is its own asset (own key, metadata, data version and ``rows_valid`` check, and
+    it can be materialised alone: ``--select 'sft_sources/dolly'``), but a run that selects
+    several shares one step, where they download concurrently. On 2 cores a Dagster step process
+    costs ~6-13 s before it does any work, far more than fetching and adapting a source, so
+    eleven steps would make this stage ten times slower than its work. A failing source does not
+    stop the others: their results are reported, then the step fails naming the failures.
+    """
+    specs = [
+        dg.AssetSpec(
+            source_key(s),
+            group_name=GROUP,
+            code_version=CODE_VERSION,
+            kinds={"huggingface" if s.repo else "http", "polars"},
+            description=f"SFT source `{s.id}` ({s.licence}) as `messages` rows.",
+            metadata={"licence": s.licence, "adapter": s.adapter, "weight": s.weight},
+            skippable=True,
+        )
+        for s in sources
+    ]
+    checks = [dg.AssetCheckSpec("rows_valid", asset=source_key(s), blocking=True) for s in sources]
+
+    @dg.multi_asset(name=SOURCES_PREFIX, specs=specs, check_specs=checks, can_subset=True)
+    def _sources(
+        context: dg.AssetExecutionContext, paths: Paths, hub: HubSource
+    ) -> Iterator[dg.MaterializeResult]:
+        selected = [s for s in sources if source_key(s) in context.selected_asset_keys]
+        failed: dict[str, str] = {}
+        with ThreadPoolExecutor(max_workers=min(4, len(selected) or 1)) as pool:
+            futures = {s.id: pool.submit(materialize_source, s, paths, hub) for s in selected}
+            for source in selected:
+                try:
+                    result = futures[source.id].result()
+                except Exception as exc:  # one bad source must not hide the others' results
+                    failed[source.id] = f"{type(exc).__name__}: {exc}"
+                    context.log.error(f"SFT source {source.id} failed: {failed[source.id]}")
+                    continue
+                meta = result.metadata or {}
+                context.log.info(f"{source.id}: {meta['rows']} rows, {meta['rejects']} rejected")
+                yield result
+        if failed:
+            raise RuntimeError(f"SFT sources failed: {failed}")
+
+    return _sources
+
+
+SFT_SOURCES = load_sft_sources(sources_config())
+sft_sources = sft_sources_asset(SFT_SOURCES)
+SOURCE_KEYS = [source_key(s) for s in SFT_SOURCES]
+
+
+# ------------------------------------------------------------------------------ eval_sets
+@dg.asset(group_name=GROUP, code_version=CODE_VERSION, kinds={"huggingface", "polars"})
+def eval_sets(
+    context: dg.AssetExecutionContext, paths: Paths, hub: HubSource
+) -> dg.MaterializeResult:
+    """Prompts of the evaluation sets (``prompts.parquet``): what the SFT mix must not contain."""
+    out = paths.asset_dir("eval_sets")
+    parts, files_by_set = [], {}
+    for entry in load_eval_sets(eval_sets_config()):
+        files = fetch_files(entry, out / entry.id, hub, paths)
+        parts.append(eval_prompts(entry, files))
+        files_by_set[entry.id] = {
+            "origin": _origin(entry, hub),
+            "files": [_display_name(f) for f in files],
+            "licence": entry.licence,
+        }
+    prompts = pl.concat(parts)
+    atomic_write_parquet(prompts, out / "prompts.parquet")
+    counts = dict(prompts.group_by("eval_set", maintain_order=True).len().iter_rows())
+    context.log.info(f"evaluation prompts: {counts}")
+    return dg.MaterializeResult(
+        metadata={
+            "prompts": prompts.height,
+            "prompts_per_set": dg.MetadataValue.json(counts),
+            "sets": dg.MetadataValue.json(files_by_set),
+            "path": dg.MetadataValue.path(str(out / "prompts.parquet")),
+        },
+        data_version=dg.DataVersion(sha256_file(out / "prompts.parquet")[:16]),
+    )
+
+
+# ------------------------------------------------------------------------------ sft_mixture
+def token_counter(tokenizer_path: Path) -> Any:
+    """``conversations -> (tokens, reply tokens)`` with the BPE and the training template."""
+    from llm_core.sft import encode_conversations
+    from llm_core.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_path)
+
+    def count(conversations: list[list[dict[str, str]]]) -> tuple[np.ndarray, np.ndarray]:
+        data = encode_conversations(tok, conversations)
+        reply = np.add.reduceat(data.mask.astype(np.int64), data.offsets[:-1])
+        return data.lengths(), reply
+
+    return count
+
+
+def _sources_table(stats: dict[str, Any]) -> str:
+    lines = ["| source | in | train | val | rejected |", "|---|---:|---:|---:|---|"]
+    for name, s in stats["sources"].items():
+        why = ", ".join(f"{k} {v}" for k, v in s["rejected"].items()) or "-"
+        lines.append(f"| {name} | {s['rows_in']} | {s['train']} | {s['val']} | {why} |")
+    return "\n".join(lines)
+
+
+@dg.asset(
+    group_name=GROUP,
+    code_version=CODE_VERSION,
+    deps=[*SOURCE_KEYS, eval_sets, dg.AssetKey("bpe_tokenizer")],
+    kinds={"polars"},
+)
+def sft_mixture(
+    context: dg.AssetExecutionContext, paths: Paths, profile: Profile
+) -> dg.MaterializeResult:
+    """The SFT training mix: filtered, deduplicated, decontaminated, capped, weighted, split."""
+    p = profile.load()
+    cfg = MixConfig.from_profile(p.get("sft") or {}, int(p.get("seed", 1337)))
+    rows = pl.concat(
+        pl.read_parquet(paths.require(f"{SOURCES_PREFIX}/{s.id}", "rows.parquet"))
+        for s in SFT_SOURCES
+    )
+    prompts = pl.read_parquet(paths.require("eval_sets", "prompts.parquet"))
+    index = NgramIndex.build(
+        prompts,
+        min_n=cfg.decontam_min_n,
+        max_n=cfg.decontam_max_n,
+        min_words=cfg.decontam_min_words,
+    )
+    count = token_counter(paths.require("bpe_tokenizer", "tokenizer.json"))
+    result = build_mixture(rows, SFT_SOURCES, count, index, cfg)
+    if problems := check_consistent(result.stats):
+        raise RuntimeError(f"SFT mixture accounting is off: {problems}")
+    if result.train.height == 0:
+        raise RuntimeError(f"the SFT mixture is empty; rejected: {result.stats['reasons']}")
+    out = paths.asset_dir("sft_mixture")
+    atomic_write_parquet(result.train, out / "train.parquet")
+    atomic_write_parquet(result.val, out / "val.parquet")
+    atomic_write_parquet(result.rejects, out / "rejects.parquet")
+    atomic_write_json(out / "stats.json", result.stats)
+    totals = result.stats["totals"]
+    context.log.info(f"SFT mixture: {totals}; rejected {result.stats['reasons']}")
+    return dg.MaterializeResult(
+        metadata={
+            "train_rows": totals["train"],
+            "val_rows": totals["val"],
+            "rows_in": totals["rows_in"],
+            "rejected": totals["rejected"],
+            "rejected_by_reason": dg.MetadataValue.json(result.stats["reasons"]),
+            "per_source": dg.MetadataValue.md(_sources_table(result.stats)),
+            "train_tokens": result.stats["tokens"]["train_total"],
+            "train_reply_tokens": result.stats["tokens"]["train_reply"],
+            "decontamination": dg.MetadataValue.json(result.stats["decontam"]),
+            "non_commercial_sources": dg.MetadataValue.json(result.stats["non_commercial_sources"]),
+            "path": dg.MetadataValue.path(str(out / "train.parquet")),
+        },
+        data_version=dg.DataVersion(files_hash([out / "train.parquet", out / "val.parquet"])),
+    )
+
+
+# ------------------------------------------------------------------------------ sft_weights
+class SFTConfig(dg.Config):
+    """Run-time knobs; the schedule comes from the profile's ``sft_train`` section."""
+
+    resume: bool = False  # continue from the latest checkpoint of the same config
+    steps: int = 0  # 0 keeps the profile's sft_train.steps
+
+
+@dg.asset(
+    group_name="training",
+    code_version=CODE_VERSION,
+    deps=[sft_mixture, dg.AssetKey("pretrained_weights"), dg.AssetKey("bpe_tokenizer")],
+    pool="train",
+    kinds={"pytorch", "mlflow"},
+)
+def sft_weights(
+    context: dg.AssetExecutionContext,
+    config: SFTConfig,
+    paths: Paths,
+    profile: Profile,
+    mlflow: MlflowTracking,
+    compute: Compute,
+) -> dg.MaterializeResult:
+    """The chat model: ``pretrained_weights`` fine-tuned on ``sft_mixture`` (assistant-only loss)."""
+    mixture = paths.require("sft_mixture", "train.parquet").parent
+    pretrained = paths.require("pretrained_weights", "model.safetensors").parent
+    tokenizer = paths.require("bpe_tokenizer", "tokenizer.json")
+    out = paths.asset_dir("sft_weights")
+    if not config.resume and (out / "checkpoints").exists():
+        shutil.rmtree(out / "checkpoints")
+    p = profile.load()
+    upstream = upstream_versions(context, ["sft_mixture", "pretrained_weights", "bpe_tokenizer"])
+    extras = {
+        "stage": "sft",
+        "profile": profile.name,
+        "train_path": str(mixture / "train.parquet"),
+        "val_path": str(mixture / "val.parquet"),
+        "init_weights": str(pretrained),
+        "tokenizer": str(tokenizer),
+        "out_dir": str(out),
+        "resume": config.resume,
+        "steps": config.steps,
+        "device": compute.device,
+        "mlflow_uri": mlflow.uri(paths),
+        "experiment": mlflow.experiment,
+        "run_name": f"sft-{p.get('name')}-{context.run.run_id[:8]}",
+        "tags": {
+            "dagster.run_id": context.run.run_id,
+            "dagster.asset_key": context.asset_key.to_user_string(),
+            "scriptorium.profile": str(p.get("name")),
+            "scriptorium.stage": "sft",
+            **{f"upstream.{k}": v for k, v in upstream.items()},
+        },
+        "registered_model": REGISTERED_MODEL,
+        "data_version": version_hash(upstream, p.get("sft_train"), config.steps),
+    }
+    env = {**os.environ, "SCRIPTORIUM_TRAIN_EXTRAS": json.dumps(extras)}
+    return (
+        dg.PipesSubprocessClient()
+        .run(
+            command=training_command(compute, "pipeline.train_child"),
+            context=context,
+            extras=extras,
+            env=env,
+        )
+        .get_materialize_result()
+    )
