@@ -110,6 +110,17 @@ def _as_mapping(batch: Batch) -> Mapping[str, torch.Tensor]:
     return {"input_ids": x, "targets": y}
 
 
+def _has_fused_loss(model: nn.Module) -> bool:
+    """True for a bare ``Transformer``: its chunked ``loss`` never materialises [B*T, V] logits.
+
+    DDP and ``torch.compile`` wrappers are excluded on purpose: calling ``.loss`` on the inner
+    module would bypass DDP's gradient hooks or the compiled graph, so they keep ``forward``.
+    """
+    from llm_core.model import Transformer
+
+    return type(model) is Transformer
+
+
 class LMObjective:
     """Next-token prediction. Accepts ``(x, y)`` or a mapping with ``input_ids``, ``targets`` and
     optionally ``loss_mask`` (SFT), ``positions`` and ``doc_ids`` (packed documents)."""
@@ -119,6 +130,10 @@ class LMObjective:
 
     def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, Metrics]:
         b = _as_mapping(batch)
+        if b.get("loss_mask") is None and _has_fused_loss(model):
+            kwargs = {k: b[k] for k in ("positions", "doc_ids") if b.get(k) is not None}
+            loss = model.loss(b["input_ids"], b["targets"], ignore_index=self.ignore_index, **kwargs)
+            return loss, {"loss": loss.detach()}
         logits = _forward(model, b)
         if b.get("loss_mask") is not None:
             loss = masked_lm_loss(logits, b["targets"], b["loss_mask"])

@@ -172,13 +172,17 @@ _GPU_PEAK_BF16 = {
 }
 
 
-def default_peak_flops(device: torch.device) -> float:
-    """Dense bf16 peak of a known GPU, or a rough CPU estimate (cores × 3 GHz × 32 FLOP/cycle,
-    i.e. two AVX2 FMA units). Only used for MFU; set ``TrainConfig.peak_flops`` for accuracy."""
+def default_peak_flops(device: torch.device, dtype: str = "float32") -> float:
+    """Dense bf16 peak of a known GPU, or a rough CPU estimate: threads × 3 GHz × 32 FP32
+    FLOP/cycle (one 512-bit or two 256-bit FMA units), doubled for bf16 where the CPU has
+    AVX512-BF16/AMX dot products (two multiply-adds per FP32 lane). The same convention as
+    ``benchmarks/train_throughput.py``. Only used for MFU; set ``TrainConfig.peak_flops`` for
+    accuracy on a known machine."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         return next((v for k, v in _GPU_PEAK_BF16.items() if k in name), 100e12)
-    return torch.get_num_threads() * 3.0e9 * 32
+    fp32 = torch.get_num_threads() * 3.0e9 * 32
+    return fp32 * 2 if dtype == "bfloat16" else fp32
 
 
 @dataclass
@@ -257,7 +261,7 @@ class Trainer:
             train_model = self.ddp
         self.train_model = torch.compile(train_model) if cfg.compile else train_model
         self.autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
-        self.peak_flops = cfg.peak_flops or default_peak_flops(self.device)
+        self.peak_flops = cfg.peak_flops or default_peak_flops(self.device, cfg.dtype)
         self.step = 0
         self.tokens_seen = 0
         self.train_time_s = 0.0
