@@ -47,11 +47,21 @@ lint: setup
 	$(BIN)/ruff check pipeline llm_core tests benchmarks
 	$(BIN)/ruff format --check pipeline llm_core tests benchmarks
 
+# Dagster (`dagster dev`: webserver + daemon) and the MLflow UI on the store the pipeline writes to.
+# An http(s) MLFLOW_TRACKING_URI is a server already running: linked, not started. The MLflow UI
+# runs in the background (where Ctrl-C does not reach it), so the EXIT trap stops it with Dagster.
 ui: setup
 	@mkdir -p "$(SCRIPTORIUM_DATA)" "$(DAGSTER_HOME)"
-	@echo "Dagster UI: http://127.0.0.1:$(DAGSTER_PORT)   MLflow UI: http://127.0.0.1:$(MLFLOW_PORT)"
-	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(SCRIPTORIUM_DATA)/mlflow.db}" --port $(MLFLOW_PORT) & \
-	$(BIN)/dagster dev -w workspace.yaml -p $(DAGSTER_PORT)
+	@store="$${MLFLOW_TRACKING_URI:-sqlite:///$(SCRIPTORIUM_DATA)/mlflow.db}"; \
+	case "$$store" in \
+	  http://*|https://*) mlflow_url="$$store" ;; \
+	  *) $(BIN)/mlflow ui --backend-store-uri "$$store" --host 127.0.0.1 --port $(MLFLOW_PORT) & \
+	     mlflow_pid=$$!; trap 'kill $$mlflow_pid 2>/dev/null' EXIT; \
+	     mlflow_url="http://127.0.0.1:$(MLFLOW_PORT)" ;; \
+	esac; \
+	echo "Dagster UI: http://127.0.0.1:$(DAGSTER_PORT)"; \
+	echo "MLflow UI:  $$mlflow_url   (tracking store: $$store)"; \
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(DAGSTER_PORT)
 
 bench: setup
 	$(BIN)/python benchmarks/data_stages.py

@@ -61,7 +61,7 @@ SFT_SOURCES_SELECTION = dg.AssetSelection.from_string(f'key:"{SFT_PREFIX}/*"')
 data_job = dg.define_asset_job(
     "data_job",
     selection=DATA_SELECTION,
-    description="Catalog -> books -> cleaned -> tokenizer -> shards (the `data` group), with checks.",
+    description="Catalog -> books -> cleaned -> tokenizer -> shards (group `data`), with checks.",
 )
 train_job = dg.define_asset_job(
     "train_job",
@@ -173,7 +173,9 @@ def catalog_new_books_sensor(
         return dg.SkipReason(f"the live catalog selects no book beyond the {len(known)} known")
     fingerprint = version_hash(new)
     if fingerprint == context.cursor:
-        return dg.SkipReason(f"{len(new)} new books already requested (run key catalog-{fingerprint})")
+        return dg.SkipReason(
+            f"{len(new)} new books already requested (run key catalog-{fingerprint})"
+        )
     context.log.info(f"{len(new)} new books selected, e.g. {new[:10]}")
     return dg.SensorResult(
         run_requests=[
@@ -229,7 +231,9 @@ def current_revisions(sources: Iterable[SftSource], previous: dict[str, str]) ->
     default_status=SENSOR_STOPPED,
     description="Re-fetches an SFT source when its configured or upstream revision changes.",
 )
-def sft_source_revision_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
+def sft_source_revision_sensor(
+    context: dg.SensorEvaluationContext,
+) -> dg.SensorResult | dg.SkipReason:
     """Watch ``configs/sft_sources.yaml`` and each source's upstream revision.
 
     The first evaluation records a baseline (the cursor: ``{source id: revision}``) and requests
@@ -250,7 +254,9 @@ def sft_source_revision_sensor(context: dg.SensorEvaluationContext) -> dg.Sensor
             skip_reason=f"baseline recorded for {len(current)} SFT sources", cursor=cursor
         )
     changed = sorted(
-        sid for sid, rev in current.items() if previous.get(sid) != rev and sft_asset_key(sid) in defined
+        sid
+        for sid, rev in current.items()
+        if previous.get(sid) != rev and sft_asset_key(sid) in defined
     )
     if not changed:
         return dg.SensorResult(skip_reason="no SFT source revision changed", cursor=cursor)

@@ -1,6 +1,5 @@
 """The code location: every asset, check, job, schedule, sensor and resource of Scriptorium."""
 
-
 import dagster as dg
 
 from pipeline.assets import gutenberg, pretrain, sft, tokens

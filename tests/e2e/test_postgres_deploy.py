@@ -1,0 +1,180 @@
+"""The docker-compose deployment, proven on real processes (there is no Docker engine here).
+
+``docker compose config`` validates the compose file itself. The rest runs the same configuration
+files as the containers would (see ``conftest.py``): PostgreSQL with the init script's two
+databases, the MLflow server script, and Dagster's code server, webserver and daemon on
+``docker/dagster.yaml``. One ``full_pipeline`` run on the tiny profile goes through the run queue,
+the daemon and the gRPC code server; the tests then read what it left in both Postgres databases
+and in the MLflow server's proxied artefact store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+from tests.e2e.conftest import (
+    REPO,
+    Deployment,
+    MlflowServer,
+    PipelineRun,
+    ensure_system_deps,
+)
+
+SERVICES = {"postgres", "mlflow", "dagster-code", "dagster-webserver", "dagster-daemon"}
+SCRIPTORIUM_SERVICES = SERVICES - {"postgres"}
+SECRETS = ("POSTGRES_PASSWORD", "DAGSTER_PG_PASSWORD", "MLFLOW_PG_PASSWORD")
+
+
+def compose_command() -> list[str]:
+    """``docker compose`` (v2 plugin) where it works, else the Debian ``docker-compose``."""
+    ensure_system_deps("compose")
+    docker = shutil.which("docker")
+    if (
+        docker
+        and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0
+    ):
+        return [docker, "compose"]
+    return [str(shutil.which("docker-compose"))]
+
+
+def compose_config(env_file: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in SECRETS}
+    return subprocess.run(
+        [*compose_command(), "--env-file", str(env_file), "-f", str(REPO / "docker-compose.yml"), "config"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_compose_file_accepted_and_wired(tmp_path: Path) -> None:
+    proc = compose_config(REPO / ".env.example")
+    assert proc.returncode == 0, proc.stderr
+    services = yaml.safe_load(proc.stdout)["services"]
+    assert set(services) == SERVICES
+    images = {services[s]["image"] for s in SCRIPTORIUM_SERVICES}
+    assert len(images) == 1, f"one image for every Scriptorium service, got {images}"
+    for name in SCRIPTORIUM_SERVICES:
+        assert services[name]["build"]["dockerfile"].endswith("docker/Dockerfile")
+    assert "10-scriptorium.sh" in str(services["postgres"]["volumes"])
+    assert "postgres-init.sh" in str(services["postgres"]["volumes"])
+    assert services["mlflow"]["command"] == ["/opt/scriptorium/docker/mlflow-server.sh"]
+    assert services["mlflow"]["environment"]["MLFLOW_ALLOWED_HOSTS"]
+    assert services["dagster-code"]["command"][:3] == ["dagster", "code-server", "start"]
+    assert services["dagster-code"]["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    for name in ("dagster-webserver", "dagster-daemon"):
+        assert "/opt/scriptorium/docker/workspace.yaml" in services[name]["command"]
+        assert services[name]["environment"]["DAGSTER_CODE_SERVER_HOST"] == "dagster-code"
+    assert (
+        services["dagster-webserver"]["environment"]["DAGSTER_PG_PASSWORD"] == "change-me-dagster"
+    )
+
+    # No default password anywhere: without them in the environment, compose refuses to start.
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    refused = compose_config(empty)
+    assert refused.returncode != 0
+    assert "POSTGRES_PASSWORD" in refused.stderr or "PASSWORD" in refused.stderr
+    for path in [REPO / "docker" / "Dockerfile", *sorted((REPO / "docker").glob("*.yaml"))]:
+        text = path.read_text()
+        assert "change-me" not in text and "PASSWORD=" not in text, (
+            f"secret-looking value in {path}"
+        )
+
+
+@contextlib.contextmanager
+def deployed_instance(deployment: Deployment) -> Iterator[dg.DagsterInstance]:
+    """The deployment's instance (docker/dagster.yaml, resolved against its environment)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in deployment.env.items():
+            if key.startswith("DAGSTER_"):
+                mp.setenv(key, value)
+        instance = dg.DagsterInstance.get()
+        try:
+            yield instance
+        finally:
+            instance.dispose()
+
+
+def test_full_pipeline_recorded_in_postgres(full_run: PipelineRun) -> None:
+    from pipeline.definitions import defs
+
+    dep = full_run.deployment
+    assert full_run.status == "SUCCESS", dep.logs()
+    events = dep.run_events(full_run.run_id)
+    # Queued by the CLI, then launched by the daemon's run queue through the code server.
+    assert events.index("PIPELINE_ENQUEUED") < events.index("PIPELINE_STARTING")
+    assert "PIPELINE_SUCCESS" in events and "PIPELINE_FAILURE" not in events
+    daemon = next(s for s in dep.services if s.name == "dagster-daemon")
+    assert any(
+        "QueuedRunCoordinatorDaemon" in line and "Launched 1 runs" in line
+        for line in daemon.log.read_text().splitlines()
+    )
+    rows = dep.postgres.query(
+        "dagster",
+        "SELECT DISTINCT asset_key FROM event_logs"
+        " WHERE run_id = %s AND dagster_event_type = 'ASSET_MATERIALIZATION'",
+        (full_run.run_id,),
+    )
+    materialised = {dg.AssetKey.from_db_string(r[0]) for r in rows}
+    assert materialised == set(defs.resolve_asset_graph().get_all_asset_keys())
+    assert events.count("ASSET_CHECK_EVALUATION") == len(
+        defs.resolve_asset_graph().asset_check_keys
+    )
+
+    with deployed_instance(dep) as instance:
+        assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+        assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+        assert type(instance.event_log_storage).__name__ == "PostgresEventLogStorage"
+        # The `train` pool that pretrained_weights claimed allows one step at a time.
+        assert instance.event_log_storage.get_concurrency_info("train").slot_count == 1
+        record = instance.get_run_record_by_id(full_run.run_id)
+        assert record is not None and record.dagster_run.job_name == "full_pipeline"
+
+
+def test_pretraining_tracked_in_postgres_backed_mlflow(full_run: PipelineRun) -> None:
+    from mlflow import MlflowClient
+
+    dep = full_run.deployment
+    assert full_run.status == "SUCCESS", dep.logs()
+    client = MlflowClient(tracking_uri=dep.mlflow.url)
+    experiment = client.get_experiment_by_name("scriptorium")
+    assert experiment is not None
+    assert experiment.artifact_location.startswith("mlflow-artifacts:"), "artefacts not proxied"
+    [run] = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=(
+            f"tags.`dagster.run_id` = '{full_run.run_id}' "
+            "and tags.`dagster.asset_key` = 'pretrained_weights'"
+        ),
+    )
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["dagster.asset_key"] == "pretrained_weights"
+    assert len(client.get_metric_history(run.info.run_id, "loss")) > 1
+    assert {"model", "plots"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert client.search_model_versions("name='scriptorium-pretrained'")
+    # Stored where the compose file puts them: run rows in Postgres, files behind the proxy.
+    rows = dep.postgres.query(
+        "mlflow", "SELECT status FROM runs WHERE run_uuid = %s", (run.info.run_id,)
+    )
+    assert rows == [("FINISHED",)]
+    assert any(dep.mlflow.artifacts.rglob("model.safetensors")), "no artefact in the proxy store"
+
+
+def test_mlflow_rejects_hosts_not_allowed(mlflow_server: MlflowServer) -> None:
+    url = f"{mlflow_server.url}/api/2.0/mlflow/experiments/search?max_results=1"
+    with urllib.request.urlopen(url, timeout=10) as ok:
+        assert ok.status == 200
+    request = urllib.request.Request(url, headers={"Host": "attacker.example"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code in (400, 403)
