@@ -50,7 +50,7 @@ def browser_page(artifacts_dir: Path) -> Iterator[Page]:
             headless=True,
             args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"],
         )
-        context = browser.new_context(viewport={"width": 1600, "height": 1000})
+        context = browser.new_context(viewport={"width": 1600, "height": 1800})
         # As if "Skip" had been clicked on Dagster's one-time "Join the Dagster community" dialog,
         # which would otherwise cover the page (it is shown on localhost origins only).
         context.add_init_script("window.localStorage.setItem('communityNux', JSON.stringify('1'))")
