@@ -16,15 +16,18 @@ Usage: python benchmarks/data_stages.py [--mirror ../shared/mirror] [--vocab-siz
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import polars as pl
+import psutil
 import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,8 +85,37 @@ def run_shard(books: Path, tokenizer: Path, out: Path, vocab_size: int) -> dict:
     return {"seconds": stats.seconds, "tokens": sum(stats.tokens.values()), "tokens_per_s": stats.tokens_per_s}
 
 
+class TreeRss(threading.Thread):
+    """Samples the summed RSS of this process and all its descendants (cleaning's worker pool).
+
+    ``ru_maxrss`` sees only this process, and RUSAGE_CHILDREN only reaped children, so a pool
+    behind a forkserver would be invisible to both.
+    """
+
+    def __init__(self, every_s: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.every_s, self.peak, self._halt = every_s, 0, threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        me = psutil.Process()
+        while not self._halt.is_set():
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    total += p.memory_info().rss
+            self.peak = max(self.peak, total)
+            self._halt.wait(self.every_s)
+
+    def stop(self) -> float:
+        self._halt.set()
+        self.join()
+        return self.peak / 2**20
+
+
 def child(args: argparse.Namespace) -> None:
     """One measured stage in a fresh process; prints its result and its own peak RSS."""
+    sampler = TreeRss()
     work = Path(args.work)
     if args.child == "clean":
         res = run_clean(Path(args.mirror), work / f"clean{args.copies}", args.copies)
@@ -95,6 +127,7 @@ def child(args: argparse.Namespace) -> None:
             books = rep
         res = run_shard(books, work / "tokenizer.json", work / f"shards{args.copies}", args.vocab_size)
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    res["peak_tree_rss_mb"] = sampler.stop()
     print(json.dumps(res))
 
 
@@ -131,10 +164,12 @@ def main() -> None:
 
     clean1 = measure(args, "clean", 1)
     print(f"cleaning 1x: {clean1['mb_in']:.1f} MB in {clean1['seconds']:.2f}s = "
-          f"{clean1['mb_per_s']:.1f} MB/s, peak RSS {clean1['peak_rss_mb']:.0f} MB")  # fmt: skip
+          f"{clean1['mb_per_s']:.1f} MB/s, peak RSS {clean1['peak_rss_mb']:.0f} MB "
+          f"(with workers {clean1['peak_tree_rss_mb']:.0f} MB)")  # fmt: skip
     clean4 = measure(args, "clean", 4)
     print(f"cleaning 4x: {clean4['mb_in']:.1f} MB in {clean4['seconds']:.2f}s = "
-          f"{clean4['mb_per_s']:.1f} MB/s, peak RSS {clean4['peak_rss_mb']:.0f} MB")  # fmt: skip
+          f"{clean4['mb_per_s']:.1f} MB/s, peak RSS {clean4['peak_rss_mb']:.0f} MB "
+          f"(with workers {clean4['peak_tree_rss_mb']:.0f} MB)")  # fmt: skip
 
     books = work / "clean1" / "books.parquet"
     t0 = time.perf_counter()
@@ -159,6 +194,11 @@ def main() -> None:
         "cleaning_peak_rss_mb_1x": round(clean1["peak_rss_mb"], 1),
         "cleaning_peak_rss_mb_4x": round(clean4["peak_rss_mb"], 1),
         "cleaning_rss_ratio_4x_1x": round(clean4["peak_rss_mb"] / clean1["peak_rss_mb"], 3),
+        "cleaning_tree_rss_mb_1x": round(clean1["peak_tree_rss_mb"], 1),
+        "cleaning_tree_rss_mb_4x": round(clean4["peak_tree_rss_mb"], 1),
+        "cleaning_tree_rss_ratio_4x_1x": round(
+            clean4["peak_tree_rss_mb"] / clean1["peak_tree_rss_mb"], 3
+        ),
         "sharding_tokens_per_s": round(shard1["tokens_per_s"]),
         "bare_encode_batch_tokens_per_s": round(bare_tps),
         "sharding_vs_bare_ratio": round(ratio, 3),

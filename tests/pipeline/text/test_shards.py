@@ -76,3 +76,18 @@ def test_vocab_mismatch_is_an_error(tmp_path, corpus) -> None:
         encode_books_to_shards(
             books, tok_path, tmp_path / "s", tokens_per_shard=100, val_ids=set(), vocab_size=100
         )
+
+
+def test_split_for_encoding_gives_identical_tokens(corpus) -> None:
+    from pipeline.text.shards import split_for_encoding
+
+    _, _, tok, rows = corpus
+    text = "\n".join(
+        ["  indented line", "", "\n\nParagraph after blank lines.", "   ", "Last line."] * 400
+    )
+    for sample in (text, rows[0]["text"], "no newline at all " * 500):
+        pieces = split_for_encoding(sample, 300)
+        assert "".join(pieces) == sample
+        whole = tok.encode(sample, add_special_tokens=False).ids
+        joined = [i for p in pieces for i in tok.encode(p, add_special_tokens=False).ids]
+        assert joined == whole
