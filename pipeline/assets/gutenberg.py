@@ -9,7 +9,6 @@ executor, or its own pod under a Kubernetes executor), one op merges the manifes
 batch the downloads are concurrent. ``dagster asset materialize --select '*'`` still runs it all.
 """
 
-
 import dataclasses
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import dagster as dg
 import polars as pl
 
 from pipeline.io import atomic_write_parquet, sha256_file, version_hash
-from pipeline.resources import GutenbergSource, Paths, Profile
+from pipeline.resources import GutenbergSource, Paths, Profile, profile_code_version
 from pipeline.sources import gutenberg as pg
 from pipeline.sources.http import PoliteClient
 from pipeline.text.clean import clean_books
@@ -31,7 +30,9 @@ def _rules(profile: Profile) -> pg.CatalogRules:
     return pg.CatalogRules.from_mapping(profile.section("catalog"))
 
 
-@dg.asset(group_name=GROUP, code_version=CODE_VERSION, kinds={"polars"})
+@dg.asset(
+    group_name=GROUP, code_version=profile_code_version(CODE_VERSION, "catalog"), kinds={"polars"}
+)
 def gutenberg_catalog(
     context: dg.AssetExecutionContext, paths: Paths, profile: Profile, gutenberg: GutenbergSource
 ) -> dg.MaterializeResult:
@@ -54,7 +55,9 @@ def gutenberg_catalog(
             "languages": dg.MetadataValue.json(dict(langs.iter_rows())),
             "path": dg.MetadataValue.path(str(out / "catalog.parquet")),
             "preview": dg.MetadataValue.md(
-                "\n".join(f"- {i}: {t}" for i, t in selected.select("id", "title").head(20).iter_rows())
+                "\n".join(
+                    f"- {i}: {t}" for i, t in selected.select("id", "title").head(20).iter_rows()
+                )
             ),
         },
         data_version=dg.DataVersion(
@@ -159,7 +162,10 @@ def gutenberg_books(gutenberg_catalog):
 
 
 @dg.asset(
-    group_name=GROUP, code_version=CODE_VERSION, deps=[gutenberg_books], kinds={"polars"}
+    group_name=GROUP,
+    code_version=profile_code_version(CODE_VERSION, "clean"),
+    deps=[gutenberg_books],
+    kinds={"polars"},
 )
 def cleaned_books(
     context: dg.AssetExecutionContext, paths: Paths, profile: Profile
@@ -169,7 +175,9 @@ def cleaned_books(
     manifest = pl.read_parquet(paths.require("gutenberg_books", "manifest.parquet"))
     books_dir = paths.asset_dir("gutenberg_books") / "books"
     manifest = manifest.with_columns(
-        pl.col("id").map_elements(lambda i: str(books_dir / f"{i}.txt"), return_dtype=pl.String).alias("path")
+        pl.col("id")
+        .map_elements(lambda i: str(books_dir / f"{i}.txt"), return_dtype=pl.String)
+        .alias("path")
     )
     catalog = pl.read_parquet(paths.require("gutenberg_catalog", "catalog.parquet"))
     c = profile.section("clean")
@@ -190,14 +198,19 @@ def cleaned_books(
     return dg.MaterializeResult(
         metadata={
             "books_in": manifest.height,
-            "books_kept": int(pl.scan_parquet(out / "books.parquet").select(pl.len()).collect().item()),
+            "books_kept": int(
+                pl.scan_parquet(out / "books.parquet").select(pl.len()).collect().item()
+            ),
             "rejected": rejects.height,
             "rejected_by_reason": dg.MetadataValue.json(by_reason),
             "seconds": round(seconds, 2),
             "books_sha256": books_sha,
             "path": dg.MetadataValue.path(str(out / "books.parquet")),
             "rejects": dg.MetadataValue.md(
-                "\n".join(f"- {r['id']}: {r['reason']} ({r['detail']})" for r in rejects.head(30).iter_rows(named=True))
+                "\n".join(
+                    f"- {r['id']}: {r['reason']} ({r['detail']})"
+                    for r in rejects.head(30).iter_rows(named=True)
+                )
                 or "none"
             ),
         },

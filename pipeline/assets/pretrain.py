@@ -14,7 +14,7 @@ import dagster as dg
 
 from pipeline.assets.tokens import bpe_tokenizer, token_shards
 from pipeline.io import version_hash
-from pipeline.resources import Compute, MlflowTracking, Paths, Profile
+from pipeline.resources import Compute, MlflowTracking, Paths, Profile, profile_code_version
 
 GROUP = "training"
 CODE_VERSION = "1"
@@ -33,7 +33,11 @@ def upstream_versions(context: dg.AssetExecutionContext, keys: list[str]) -> dic
     out = {}
     for key in keys:
         event = context.instance.get_latest_materialization_event(dg.AssetKey(key))
-        tags = (event.asset_materialization.tags or {}) if event and event.asset_materialization else {}
+        tags = (
+            (event.asset_materialization.tags or {})
+            if event and event.asset_materialization
+            else {}
+        )
         out[key] = tags.get("dagster/data_version", "unknown")
     return out
 
@@ -49,7 +53,9 @@ def training_command(compute: Compute, module: str) -> list[str]:
 
 @dg.asset(
     group_name=GROUP,
-    code_version=CODE_VERSION,
+    code_version=profile_code_version(
+        CODE_VERSION, "vocab_size", "context_length", "seed", "model", "pretrain"
+    ),
     deps=[token_shards, bpe_tokenizer],
     pool="train",
     kinds={"pytorch", "mlflow"},

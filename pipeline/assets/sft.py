@@ -36,7 +36,14 @@ from pipeline.io import (
     sha256_file,
     version_hash,
 )
-from pipeline.resources import Compute, HubSource, MlflowTracking, Paths, Profile
+from pipeline.resources import (
+    Compute,
+    HubSource,
+    MlflowTracking,
+    Paths,
+    Profile,
+    profile_code_version,
+)
 from pipeline.sources.hub import FILES_MIRROR_ENV, download_dataset_files, download_url
 from pipeline.text.adapters import ROWS_SCHEMA, SftSource, adapt_source, load_sft_sources
 from pipeline.text.decontam import EvalSet, NgramIndex, eval_prompts, load_eval_sets
@@ -286,7 +293,7 @@ def _sources_table(stats: dict[str, Any]) -> str:
 
 @dg.asset(
     group_name=GROUP,
-    code_version=CODE_VERSION,
+    code_version=profile_code_version(CODE_VERSION, "sft", "seed", "vocab_size"),
     deps=[*SOURCE_KEYS, eval_sets, dg.AssetKey("bpe_tokenizer")],
     kinds={"polars"},
 )
@@ -348,7 +355,7 @@ class SFTConfig(dg.Config):
 
 @dg.asset(
     group_name="training",
-    code_version=CODE_VERSION,
+    code_version=profile_code_version(CODE_VERSION, "sft_train", "seed"),
     deps=[sft_mixture, dg.AssetKey("pretrained_weights"), dg.AssetKey("bpe_tokenizer")],
     pool="train",
     kinds={"pytorch", "mlflow"},

@@ -5,7 +5,6 @@ Both use the same held-out books (``split_val_books`` over the cleaned ids, the 
 of the shards, so bits per byte on them measures text the whole pipeline has never seen.
 """
 
-
 import json
 
 import dagster as dg
@@ -14,7 +13,7 @@ import polars as pl
 from llm_core.tokenizer import SPECIAL_TOKENS, held_out_stats, timed_train
 from pipeline.assets.gutenberg import cleaned_books
 from pipeline.io import atomic_write_text, dir_bytes, sha256_file, version_hash
-from pipeline.resources import Paths, Profile
+from pipeline.resources import Paths, Profile, profile_code_version
 from pipeline.text.shards import encode_books_to_shards, iter_book_texts, split_val_books
 
 GROUP = "data"
@@ -28,7 +27,12 @@ def held_out_ids(paths: Paths, profile: Profile) -> set[int]:
     return split_val_books(ids, int(p.get("val_books", 1)), int(p.get("seed", 0)))
 
 
-@dg.asset(group_name=GROUP, code_version=CODE_VERSION, deps=[cleaned_books], kinds={"huggingface"})
+@dg.asset(
+    group_name=GROUP,
+    code_version=profile_code_version(CODE_VERSION, "vocab_size", "val_books", "seed", "tokenizer"),
+    deps=[cleaned_books],
+    kinds={"huggingface"},
+)
 def bpe_tokenizer(
     context: dg.AssetExecutionContext, paths: Paths, profile: Profile
 ) -> dg.MaterializeResult:
@@ -69,7 +73,7 @@ def bpe_tokenizer(
 
 @dg.asset(
     group_name=GROUP,
-    code_version=CODE_VERSION,
+    code_version=profile_code_version(CODE_VERSION, "vocab_size", "val_books", "seed", "shards"),
     deps=[cleaned_books, bpe_tokenizer],
     kinds={"numpy"},
 )
@@ -90,7 +94,9 @@ def token_shards(
         val_ids=val_ids,
         vocab_size=int(p["vocab_size"]),
     )
-    context.log.info(f"{stats.n_shards} shards, {stats.tokens} tokens, {stats.tokens_per_s:,.0f} tok/s")
+    context.log.info(
+        f"{stats.n_shards} shards, {stats.tokens} tokens, {stats.tokens_per_s:,.0f} tok/s"
+    )
     return dg.MaterializeResult(
         metadata={
             "train_tokens": stats.tokens.get("train", 0),

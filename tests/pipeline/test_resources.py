@@ -1,0 +1,35 @@
+"""Resources built from the environment, and profile-aware code versions."""
+
+from __future__ import annotations
+
+import yaml
+
+from pipeline.resources import profile_code_version, resources_from_env
+
+
+def test_resources_follow_the_documented_environment(tmp_path) -> None:
+    res = resources_from_env(
+        {"SCRIPTORIUM_DATA": str(tmp_path), "SCRIPTORIUM_PROFILE": "tiny",
+         "GUTENBERG_MIRROR": "http://127.0.0.1:9"}  # fmt: skip
+    )
+    assert res["paths"].root() == tmp_path.resolve()
+    assert res["profile"].load()["name"] == "tiny"
+    assert res["gutenberg"].base_url == "http://127.0.0.1:9"
+    assert res["mlflow"].uri(res["paths"]).startswith("sqlite:///")
+
+
+def test_profile_code_version_changes_only_with_the_sections_read(tmp_path) -> None:
+    from llm_core.config import load_profile
+
+    profile = load_profile("tiny")
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    env = {"SCRIPTORIUM_PROFILE": str(path)}
+    before_clean = profile_code_version("1", "clean", env=env)
+    before_model = profile_code_version("1", "model", env=env)
+    assert before_clean.startswith("1+")
+    profile["model"]["n_layer"] += 1
+    path.write_text(yaml.safe_dump(profile))
+    assert profile_code_version("1", "clean", env=env) == before_clean
+    assert profile_code_version("1", "model", env=env) != before_model
+    assert profile_code_version("1", "x", env={"SCRIPTORIUM_PROFILE": "missing"}) == "1"
