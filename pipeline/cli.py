@@ -120,27 +120,20 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     ids = tok.encode(args.prompt, add_special_tokens=False).ids
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
-    emitted: list[int] = []
-    shown = ""
-    for token in stream(
-        model,
-        ids,
-        args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k or None,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        stop_ids=(tok.token_to_id(EOT),),
-        seed=args.seed,
-    ):
-        # Decode the whole tail each time: byte-level tokens may split a UTF-8 character.
-        emitted.append(token)
-        text = tok.decode(emitted, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):
-            sys.stdout.write(text[len(shown) :])
-            sys.stdout.flush()
-            shown = text
-    sys.stdout.write("\n")
+    _stream_text(
+        tok,
+        stream(
+            model,
+            ids,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k or None,
+            top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
+            stop_ids=(tok.token_to_id(EOT),),
+            seed=args.seed,
+        ),
+    )
     return 0
 
 
