@@ -104,6 +104,17 @@ def _resolve_tokenizer(weights: Path, explicit: str | None) -> Path:
     )
 
 
+def _sampling(args: argparse.Namespace) -> dict[str, object]:
+    """The sampling flags shared by ``generate`` and ``chat``, as ``stream`` keyword arguments."""
+    return {
+        "temperature": args.temperature,
+        "top_k": args.top_k or None,
+        "top_p": args.top_p,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+    }
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     """Stream a continuation of PROMPT from a weights folder (``model.safetensors`` + config)."""
     from llm_core.checkpoint import load_weights
@@ -126,12 +137,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             model,
             ids,
             args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k or None,
-            top_p=args.top_p,
-            repetition_penalty=args.repetition_penalty,
             stop_ids=(tok.token_to_id(EOT),),
-            seed=args.seed,
+            **_sampling(args),
         ),
     )
     return 0
@@ -215,12 +222,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
                 model,
                 ids,
                 args.max_new_tokens,
-                temperature=args.temperature,
-                top_k=args.top_k or None,
-                top_p=args.top_p,
-                repetition_penalty=args.repetition_penalty,
                 stop_ids=(specials.end, specials.eot),
-                seed=args.seed,
+                **_sampling(args),
             ),
         )
         history.append({"role": "assistant", "content": reply})
