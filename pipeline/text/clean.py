@@ -24,7 +24,6 @@ import itertools
 import logging
 import multiprocessing
 import os
-import threading
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -39,18 +38,15 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.text.boilerplate import strip_boilerplate
+from pipeline.text import clean_worker
+from pipeline.text.clean_worker import BookOutcome, BookTask, process_book
 from pipeline.text.dedup import (
     Similarity,
     Sketch,
-    content_sha256,
     exact_similarity,
     find_near_duplicates,
     shingle_hashes,
-    sketch_text,
 )
-from pipeline.text.encoding import DecodeError, decode_text
-from pipeline.text.language import UNDETERMINED, detect_language
 
 __all__ = ["BOOKS_SCHEMA", "REJECTS_SCHEMA", "CleanStats", "clean_books"]
 
@@ -118,90 +114,6 @@ class CleanStats:
         )
 
 
-# -------------------------------------------------------------------------- per-book worker
-@dataclass(frozen=True)
-class _Task:
-    id: int
-    path: str
-    catalog_languages: tuple[str, ...]
-
-
-@dataclass
-class _Outcome:
-    id: int
-    bytes_in: int = 0
-    encoding: str | None = None
-    style: str | None = None
-    language: str | None = None
-    reason: str | None = None
-    detail: str = ""
-    text: bytes | None = None  # UTF-8: what the parquet writer needs, and half a str's size
-    n_chars: int = 0
-    sha256: str | None = None
-    sketch: Sketch | None = None
-    cpu_seconds: float = 0.0
-
-
-def _choose_language(
-    detected: str, confidence: float, catalog: Sequence[str], wanted: Sequence[str]
-) -> tuple[str, str | None]:
-    """(language to record, rejection detail or None). Undetermined text trusts the catalog."""
-    if detected == UNDETERMINED:
-        detected = next((c for c in catalog if c in wanted), catalog[0] if catalog else detected)
-    if not wanted or detected in wanted:
-        return detected, None
-    return detected, (
-        f"detected {detected} ({confidence:.2f}), expected {'/'.join(wanted)}; "
-        f"catalog {'/'.join(catalog) or 'unknown'}"
-    )
-
-
-def _process_book(task: _Task, languages: tuple[str, ...], min_chars: int) -> _Outcome:
-    """Everything that can be decided about one book on its own (runs in a worker)."""
-    out = _Outcome(task.id)
-    try:
-        data = Path(task.path).read_bytes()
-    except OSError as exc:
-        out.reason, out.detail = "read_error", f"{type(exc).__name__}: {exc}"
-        return out
-    out.bytes_in = len(data)
-    try:
-        decoded = decode_text(data)
-    except DecodeError as exc:
-        out.reason, out.detail = "decode_error", str(exc)
-        return out
-    del data
-    out.encoding = decoded.encoding
-    stripped = strip_boilerplate(decoded.text)
-    out.style = stripped.style
-    body = stripped.body
-    if len(body) < min_chars:
-        out.reason, out.detail = "too_short", f"{len(body)} chars < min_chars {min_chars}"
-        return out
-    guess = detect_language(body)
-    out.language, mismatch = _choose_language(
-        guess.code, guess.confidence, task.catalog_languages, languages
-    )
-    if mismatch:
-        out.reason, out.detail = "language_mismatch", mismatch
-        return out
-    out.text = body.encode("utf-8")
-    out.n_chars, out.sha256 = len(body), content_sha256(out.text)
-    out.sketch = sketch_text(body)
-    return out
-
-
-def _safe_process_book(task: _Task, languages: tuple[str, ...], min_chars: int) -> _Outcome:
-    """One malformed book must not abort a 75k-book run: unexpected errors become rejects."""
-    t0 = time.process_time()
-    try:
-        out = _process_book(task, languages, min_chars)
-    except Exception as exc:  # recorded per book in rejects.parquet, counted in the stats
-        out = _Outcome(task.id, reason="processing_error", detail=f"{type(exc).__name__}: {exc}")
-    out.cpu_seconds = time.process_time() - t0
-    return out
-
-
 @contextlib.contextmanager
 def _worker_environment() -> Iterator[None]:
     """Worker processes inherit the environment: one polars thread each, since the pool
@@ -219,7 +131,7 @@ def _worker_environment() -> Iterator[None]:
 
 def _process_pool(workers: int) -> ProcessPoolExecutor:
     """A pool whose workers start in milliseconds: ``forkserver`` forks them from a server
-    process that imported this module (and polars, numpy) once, and that outlives the pool.
+    process that imported :mod:`.clean_worker` (numpy, polars, no pyarrow) once.
 
     Not ``fork``: forking a parent that has used polars or pyarrow thread pools can deadlock.
     Not ``spawn`` unless forkserver is unavailable: every worker would re-import everything.
@@ -227,46 +139,26 @@ def _process_pool(workers: int) -> ProcessPoolExecutor:
     """
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload([__name__])
+        ctx.set_forkserver_preload([clean_worker.__name__])
     else:
         ctx = multiprocessing.get_context("spawn")
     return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
 
 
-def _noop() -> None:
-    return None
-
-
-class _PoolStarter(threading.Thread):
-    """Starts the pool's workers in the background; remembers whether that failed."""
-
-    def __init__(self, pool: ProcessPoolExecutor, workers: int) -> None:
-        super().__init__(name="clean-pool-start", daemon=True)
-        self.pool, self.workers = pool, workers
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            for f in [self.pool.submit(_noop) for _ in range(self.workers)]:
-                f.result()
-        except Exception as exc:  # e.g. BrokenProcessPool: the caller falls back to in-process
-            self.error = exc
-
-
 def _outcomes(
-    tasks: Iterable[_Task], workers: int, languages: tuple[str, ...], min_chars: int
-) -> Iterator[_Outcome]:
+    tasks: Iterable[BookTask], workers: int, languages: tuple[str, ...], min_chars: int
+) -> Iterator[BookOutcome]:
     """Process tasks, yielding outcomes in task order with at most a few books in flight.
 
-    Starting the pool takes ~0.5 s the first time (the fork server imports polars and pyarrow),
-    a quarter of the whole mirror's run: a helper thread starts it while this thread cleans the
-    first books itself (order is kept: a book is only done here when none is pending). If the
-    pool cannot start or breaks (a worker killed, a ``__main__`` that cannot be re-imported),
-    the remaining books are cleaned in this process instead of failing the run.
+    The pool is started (every worker answering) before the first book is submitted: cleaning
+    books in this process meanwhile looks free but is not on 2 cores, where it takes the CPU
+    and the GIL that the pool's start-up needs and made that start-up ~5x slower. If the pool
+    cannot start or breaks (a worker killed, a ``__main__`` that cannot be re-imported), the
+    remaining books are cleaned in this process instead of failing the run.
     """
 
-    def local(task: _Task) -> _Outcome:
-        return _safe_process_book(task, languages, min_chars)
+    def local(task: BookTask) -> BookOutcome:
+        return process_book(task, languages, min_chars)
 
     tasks = iter(tasks)
     first = next(tasks, None)
@@ -277,16 +169,21 @@ def _outcomes(
         yield from map(local, tasks)
         return
     with _worker_environment(), _process_pool(workers) as pool:
-        starter = _PoolStarter(pool, workers)
-        starter.start()
-        pending: deque[tuple[_Task, Future[_Outcome]]] = deque()
+        try:
+            for f in [pool.submit(clean_worker.ready) for _ in range(workers)]:
+                f.result()
+        except Exception as exc:  # e.g. BrokenProcessPool: clean in this process instead
+            log.warning("clean: worker pool did not start (%s); running in-process", exc)
+            yield from map(local, tasks)
+            return
+        pending: deque[tuple[BookTask, Future[BookOutcome]]] = deque()
         broken = False
         for task in tasks:
-            if broken or starter.error or (not pending and starter.is_alive()):
+            if broken:
                 yield local(task)
                 continue
             try:
-                pending.append((task, pool.submit(_safe_process_book, task, languages, min_chars)))
+                pending.append((task, pool.submit(process_book, task, languages, min_chars)))
                 while len(pending) >= 2 * workers + 2 or (pending and pending[0][1].done()):
                     yield pending[0][1].result()
                     pending.popleft()
@@ -301,9 +198,6 @@ def _outcomes(
             except BrokenProcessPool as exc:
                 log.warning("clean: worker pool broke (%s); continuing in-process", exc)
                 yield local(task)
-        starter.join()
-        if starter.error:
-            log.warning("clean: worker pool did not start (%s); ran in-process", starter.error)
 
 
 # ----------------------------------------------------------------------------- parquet I/O
@@ -362,7 +256,7 @@ class _CandidateWriter:
         self.groups = 0
         self.location: dict[int, tuple[int, int]] = {}  # id -> (row group, row)
 
-    def add(self, book_id: int, meta: dict[str, Any], o: _Outcome) -> None:
+    def add(self, book_id: int, meta: dict[str, Any], o: BookOutcome) -> None:
         assert o.text is not None
         self.location[book_id] = (self.groups, len(self._rows))
         row = (book_id, meta.get("title"), meta.get("authors"), o.language, o.text)
@@ -450,7 +344,7 @@ def _tmp(path: Path) -> Path:
 # ------------------------------------------------------------------------------------ stage
 def _tasks(
     manifest: pl.DataFrame, catalog: pl.DataFrame, rejects: list[dict[str, Any]]
-) -> Iterator[tuple[_Task, dict[str, Any]]]:
+) -> Iterator[tuple[BookTask, dict[str, Any]]]:
     """Manifest rows joined with catalog metadata, by id; not-ok rows go straight to rejects."""
     meta_cols = [c for c in ("title", "authors", "languages") if c in catalog.columns]
     joined = manifest.join(
@@ -468,7 +362,7 @@ def _tasks(
             langs = [c.strip() for c in langs.split(";") if c.strip()]
         langs = tuple(langs)
         meta = {"title": row.get("title"), "authors": row.get("authors")}
-        yield _Task(int(row["id"]), str(row["path"]), langs), meta
+        yield BookTask(int(row["id"]), str(row["path"]), langs), meta
 
 
 class _FirstPass:
@@ -489,7 +383,7 @@ class _FirstPass:
         self.languages: Counter[str] = Counter()
         self._seen_sha: dict[str, int] = {}
 
-    def add(self, o: _Outcome, meta: dict[str, Any]) -> None:
+    def add(self, o: BookOutcome, meta: dict[str, Any]) -> None:
         self.bytes_in += o.bytes_in
         self.cpu_seconds += o.cpu_seconds
         for counter, key in ((self.encodings, o.encoding), (self.styles, o.style)):
@@ -538,7 +432,7 @@ def clean_books(
     rejects: list[dict[str, Any]] = []
     meta: dict[int, dict[str, Any]] = {}
 
-    def tasks() -> Iterator[_Task]:
+    def tasks() -> Iterator[BookTask]:
         for task, m in _tasks(manifest, catalog, rejects):
             meta[task.id] = m  # popped when the outcome arrives: only books in flight are held
             yield task
