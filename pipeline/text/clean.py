@@ -24,6 +24,7 @@ import itertools
 import logging
 import multiprocessing
 import os
+import sys
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -72,6 +73,9 @@ CANDIDATE_GROUP_BYTES = 8 << 20
 ROW_GROUP_BOOKS = 256
 ROW_GROUP_BYTES = 64 << 20
 COMPRESSION = "zstd"
+# Books queued per worker: a long book at the head of the queue (results are consumed in order)
+# must not leave the other workers idle; the texts in flight are the memory this costs.
+IN_FLIGHT_PER_WORKER = 16
 
 
 @dataclass
@@ -90,6 +94,7 @@ class CleanStats:
     workers: int = 1
     seconds: float = 0.0
     book_cpu_seconds: float = 0.0  # CPU time of the per-book work, summed over all workers
+    pool_start_seconds: float = 0.0  # until every worker answered (a fixed cost per run)
 
     @property
     def books_rejected(self) -> int:
@@ -129,6 +134,30 @@ def _worker_environment() -> Iterator[None]:
             os.environ["POLARS_MAX_THREADS"] = old
 
 
+@contextlib.contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """While workers start, hide the ``__main__`` script from them.
+
+    ``spawn``/``forkserver`` children re-run the parent's main script (as ``__mp_main__``) before
+    taking work, so that functions defined there can be unpickled. Ours live in
+    :mod:`.clean_worker`, and the script is whatever launched us: the ``dagster`` console script
+    (which imports all of Dagster) in an asset step, a benchmark that imports torch and
+    tokenizers. Re-running it cost each worker ~1.5 s, five times the pool's own start-up.
+    Modules run with ``-m`` are named in ``__spec__`` and stay as they are (light, or skipped
+    by multiprocessing itself for ``__main__`` packages).
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or path is None or getattr(main, "__spec__", None) is not None:
+        yield
+        return
+    del main.__file__
+    try:
+        yield
+    finally:
+        main.__file__ = path
+
+
 def _process_pool(workers: int) -> ProcessPoolExecutor:
     """A pool whose workers start in milliseconds: ``forkserver`` forks them from a server
     process that imported :mod:`.clean_worker` (numpy, polars, no pyarrow) once.
@@ -146,7 +175,11 @@ def _process_pool(workers: int) -> ProcessPoolExecutor:
 
 
 def _outcomes(
-    tasks: Iterable[BookTask], workers: int, languages: tuple[str, ...], min_chars: int
+    tasks: Iterable[BookTask],
+    workers: int,
+    languages: tuple[str, ...],
+    min_chars: int,
+    stats: CleanStats | None = None,
 ) -> Iterator[BookOutcome]:
     """Process tasks, yielding outcomes in task order with at most a few books in flight.
 
@@ -169,9 +202,14 @@ def _outcomes(
         yield from map(local, tasks)
         return
     with _worker_environment(), _process_pool(workers) as pool:
+        t0 = time.perf_counter()
         try:
-            for f in [pool.submit(clean_worker.ready) for _ in range(workers)]:
+            with _main_module_hidden():  # workers are spawned by these first submits
+                started = [pool.submit(clean_worker.ready) for _ in range(workers)]
+            for f in started:
                 f.result()
+            if stats is not None:
+                stats.pool_start_seconds = round(time.perf_counter() - t0, 3)
         except Exception as exc:  # e.g. BrokenProcessPool: clean in this process instead
             log.warning("clean: worker pool did not start (%s); running in-process", exc)
             yield from map(local, tasks)
@@ -184,7 +222,9 @@ def _outcomes(
                 continue
             try:
                 pending.append((task, pool.submit(process_book, task, languages, min_chars)))
-                while len(pending) >= 2 * workers + 2 or (pending and pending[0][1].done()):
+                while len(pending) >= IN_FLIGHT_PER_WORKER * workers or (
+                    pending and pending[0][1].done()
+                ):
                     yield pending[0][1].result()
                     pending.popleft()
             except BrokenProcessPool as exc:
@@ -440,7 +480,7 @@ def clean_books(
     try:
         first = _FirstPass(_CandidateWriter(candidates), rejects)
         try:
-            for o in _outcomes(tasks(), stats.workers, tuple(languages), min_chars):
+            for o in _outcomes(tasks(), stats.workers, tuple(languages), min_chars, stats):
                 first.add(o, meta.pop(o.id))
         finally:
             first.writer.close()
