@@ -152,9 +152,13 @@ def build_mixture(
     return MixResult(train, val, rejects, stats)
 
 
-def _drop_duplicates(frame: pl.DataFrame) -> pl.DataFrame:
-    """``duplicate``: the same normalised (prompt, reply) as an earlier surviving row."""
-    key = pl.concat_str(normalise(_turn_text(False)), normalise(_turn_text(True)), separator="\x00")
+def _drop_duplicates(frame: pl.DataFrame, key: pl.Expr | None = None) -> pl.DataFrame:
+    """``duplicate``: the same normalised (prompt, reply) as an earlier surviving row, or the
+    same ``key`` (the preference pairs compare prompt, chosen and rejected)."""
+    if key is None:
+        key = pl.concat_str(
+            normalise(_turn_text(False)), normalise(_turn_text(True)), separator="\x00"
+        )
     first = (
         frame.with_row_index("_i")
         .filter(pl.col("reason").is_null())

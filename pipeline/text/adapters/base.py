@@ -27,7 +27,8 @@ ROLES = ("system", "user", "assistant", "tool")
 MESSAGE = pl.Struct({"role": pl.String, "content": pl.String})
 # Multi-turn conversations keep every turn; tool calls and tool results are plain text turns.
 MESSAGES = pl.List(MESSAGE)
-ADAPTED_COLUMNS = ("source_id", "messages", "reason")
+ADAPTED_SCHEMA = pl.Schema({"source_id": pl.String, "messages": MESSAGES, "reason": pl.String})
+ADAPTED_COLUMNS = tuple(ADAPTED_SCHEMA.names())
 ROWS_SCHEMA = pl.Schema({"source": pl.String, "source_id": pl.String, "messages": MESSAGES})
 REJECTS_SCHEMA = pl.Schema({"source": pl.String, "source_id": pl.String, "reason": pl.String})
 
@@ -58,6 +59,12 @@ def joined(*parts: pl.Expr, separator: str = "\n\n") -> pl.Expr:
     cleaned = [pl.when(p.str.strip_chars() != "").then(p) for p in parts]
     text = pl.concat_str(cleaned, separator=separator, ignore_nulls=True)
     return pl.when(text != "").then(text)
+
+
+def tidy_text(text: pl.Expr) -> pl.Expr:
+    """Trailing whitespace and leading blank lines removed; leading spaces are kept, because they
+    may be the indentation of a code block."""
+    return text.str.strip_chars_end().str.strip_chars_start("\r\n")
 
 
 def no_reason() -> pl.Expr:

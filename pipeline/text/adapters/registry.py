@@ -5,6 +5,10 @@ the downloads is expensive, so :func:`load_sft_sources` checks every entry up fr
 ids, repo vs url, revisions, patterns, that the adapter module exists) and reports every problem
 at once, each naming its entry. Adapters are found by module name under this package, so a new
 source schema is one new file and no registration step.
+
+The same registry format, validation and file conversion (:func:`convert_files`) serve the
+preference sources (``configs/preference_sources.yaml``): they pass their own allowed keys and
+adapter package (``pipeline.text.adapters.preference``) instead of the SFT defaults.
 """
 
 from __future__ import annotations
@@ -24,13 +28,13 @@ import polars as pl
 import yaml
 
 from pipeline.text.adapters.base import (
-    ADAPTED_COLUMNS,
-    MESSAGES,
+    ADAPTED_SCHEMA,
     REJECTS_SCHEMA,
     ROLES,
     ROWS_SCHEMA,
     SourceSchemaError,
     read_records,
+    tidy_text,
 )
 
 log = logging.getLogger(__name__)
@@ -39,6 +43,7 @@ ID_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,62}")  # a Dagster asset-key segment,
 REPO_PATTERN = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 _NOT_ADAPTERS = frozenset({"base", "registry"})
+SFT_ADAPTERS = "pipeline.text.adapters"  # the package whose modules are the SFT adapters
 _KEYS = frozenset(
     {"id", "repo", "url", "revision", "patterns", "sha256", "adapter", "weight", "cap", "licence"}
 )
@@ -83,25 +88,26 @@ class Adapter:
     convert: Callable[[pl.DataFrame], pl.DataFrame]
 
 
-def available_adapters() -> list[str]:
-    """Names of the adapter modules in this package."""
-    package = importlib.import_module(__package__ or "pipeline.text.adapters")
-    names = (m.name for m in pkgutil.iter_modules(package.__path__) if not m.ispkg)
+def available_adapters(package: str = SFT_ADAPTERS) -> list[str]:
+    """Names of the adapter modules in ``package`` (sub-packages are not adapters)."""
+    module = importlib.import_module(package)
+    names = (m.name for m in pkgutil.iter_modules(module.__path__) if not m.ispkg)
     return sorted(n for n in names if n not in _NOT_ADAPTERS and not n.startswith("_"))
 
 
 @functools.cache
-def get_adapter(name: str) -> Adapter:
-    """The adapter module ``pipeline.text.adapters.<name>``; ValueError if there is none."""
+def get_adapter(name: str, package: str = SFT_ADAPTERS) -> Adapter:
+    """The adapter module ``<package>.<name>``; ValueError if there is none."""
     if not ID_PATTERN.fullmatch(name) or name in _NOT_ADAPTERS:
-        raise ValueError(f"unknown adapter {name!r}; available: {available_adapters()}")
-    module_name = f"{__package__}.{name}"
+        raise ValueError(f"unknown adapter {name!r}; available: {available_adapters(package)}")
+    module_name = f"{package}.{name}"
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name != module_name:
             raise
-        raise ValueError(f"unknown adapter {name!r}; available: {available_adapters()}") from None
+        available = available_adapters(package)
+        raise ValueError(f"unknown adapter {name!r}; available: {available}") from None
     columns = getattr(module, "REQUIRED_COLUMNS", None)
     convert = getattr(module, "convert", None)
     if not isinstance(columns, tuple) or not callable(convert):
@@ -110,17 +116,29 @@ def get_adapter(name: str) -> Adapter:
 
 
 # ------------------------------------------------------------------------------------ config
-def load_sft_sources(path: Path | str) -> list[SftSource]:
-    """Read and validate an SFT sources YAML file (see ``configs/sft_sources.yaml``)."""
+def load_sft_sources(
+    path: Path | str, *, keys: frozenset[str] = _KEYS, adapters: str = SFT_ADAPTERS
+) -> list[SftSource]:
+    """Read and validate an SFT sources YAML file (see ``configs/sft_sources.yaml``).
+
+    ``keys`` (the allowed entry keys) and ``adapters`` (the adapter package) let another registry
+    in the same format, such as the preference sources, reuse this validation.
+    """
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise SftConfigError(f"{path}: not valid YAML: {exc}") from exc
-    return parse_sft_sources(data, origin=str(path))
+    return parse_sft_sources(data, origin=str(path), keys=keys, adapters=adapters)
 
 
-def parse_sft_sources(data: Any, origin: str = "<sft sources>") -> list[SftSource]:
+def parse_sft_sources(
+    data: Any,
+    origin: str = "<sft sources>",
+    *,
+    keys: frozenset[str] = _KEYS,
+    adapters: str = SFT_ADAPTERS,
+) -> list[SftSource]:
     """Validate already-parsed config data; every problem is reported, not just the first."""
     if not isinstance(data, Mapping) or not isinstance(data.get("sources"), list):
         raise SftConfigError(f"{origin}: expected a mapping with a 'sources' list")
@@ -136,7 +154,7 @@ def parse_sft_sources(data: Any, origin: str = "<sft sources>") -> list[SftSourc
         if isinstance(entry, Mapping) and isinstance(entry.get("id"), str):
             label += f" ({entry['id']!r})"
         errors: list[str] = []
-        source = _parse_entry(entry, errors)
+        source = _parse_entry(entry, errors, keys, adapters)
         if source is not None and source.id in seen:
             errors.append(f"duplicate id {source.id!r}")
         problems.extend(f"{origin}: {label}: {e}" for e in errors)
@@ -148,13 +166,15 @@ def parse_sft_sources(data: Any, origin: str = "<sft sources>") -> list[SftSourc
     return sources
 
 
-def _parse_entry(entry: Any, errors: list[str]) -> SftSource | None:
+def _parse_entry(
+    entry: Any, errors: list[str], keys: frozenset[str], adapters: str
+) -> SftSource | None:
     """One entry, appending each problem to ``errors``; None when it cannot be built."""
     if not isinstance(entry, Mapping):
         errors.append(f"expected a mapping, got {type(entry).__name__}")
         return None
-    if unknown := sorted(set(entry) - _KEYS):
-        errors.append(f"unknown key(s) {unknown}; allowed: {sorted(_KEYS)}")
+    if unknown := sorted(set(entry) - keys):
+        errors.append(f"unknown key(s) {unknown}; allowed: {sorted(keys)}")
 
     source_id = entry.get("id")
     if not isinstance(source_id, str) or not ID_PATTERN.fullmatch(source_id):
@@ -184,10 +204,10 @@ def _parse_entry(entry: Any, errors: list[str]) -> SftSource | None:
 
     adapter = entry.get("adapter")
     if not isinstance(adapter, str):
-        errors.append(f"'adapter' is required; available: {available_adapters()}")
+        errors.append(f"'adapter' is required; available: {available_adapters(adapters)}")
     else:
         try:
-            get_adapter(adapter)
+            get_adapter(adapter, adapters)
         except ValueError as exc:
             errors.append(str(exc))
     weight = entry.get("weight", 1.0)
@@ -237,9 +257,34 @@ def adapt_source(source: SftSource, files: Sequence[Path]) -> tuple[pl.DataFrame
     :class:`SourceSchemaError`, naming the source, when a file lacks a column the adapter needs:
     that is a wrong source or a changed upstream, not a bad row.
     """
+    adapted = convert_files(source, files, ADAPTED_SCHEMA)
+    if adapted.height == 0:
+        return ROWS_SCHEMA.to_frame(), REJECTS_SCHEMA.to_frame()
+    checked = check_messages(adapted).with_columns(pl.lit(source.id).alias("source"))
+    rows = checked.filter(pl.col("reason").is_null()).select(ROWS_SCHEMA.names())
+    rejects = checked.filter(pl.col("reason").is_not_null()).select(REJECTS_SCHEMA.names())
+    log.info("SFT source %s: %d rows, %d rejected", source.id, rows.height, rejects.height)
+    return rows, rejects
+
+
+def convert_files(
+    source: SftSource,
+    files: Sequence[Path],
+    schema: pl.Schema,
+    *,
+    adapters: str = SFT_ADAPTERS,
+    kind: str = "SFT source",
+) -> pl.DataFrame:
+    """Every file of ``source`` through its adapter (from package ``adapters``), concatenated.
+
+    Each file gets a ``source_id`` column (``"<file name>:<row>"``) before conversion; the
+    adapter must return exactly the columns of ``schema``, to whose types they are cast. Raises
+    :class:`SourceSchemaError`, naming the ``kind`` of source, its id and the file, when a file
+    lacks a required column or has one of the wrong type.
+    """
     if not files:
-        raise ValueError(f"SFT source {source.id!r}: no files to adapt")
-    adapter = get_adapter(source.adapter)
+        raise ValueError(f"{kind} {source.id!r}: no files to adapt")
+    adapter = get_adapter(source.adapter, adapters)
     parts: list[pl.DataFrame] = []
     for path in files:
         frame = read_records(Path(path))
@@ -248,7 +293,7 @@ def adapt_source(source: SftSource, files: Sequence[Path]) -> tuple[pl.DataFrame
         missing = [c for c in adapter.required_columns if c not in frame.columns]
         if missing:
             raise SourceSchemaError(
-                f"SFT source {source.id!r} (adapter {adapter.name!r}): {Path(path).name} lacks "
+                f"{kind} {source.id!r} (adapter {adapter.name!r}): {Path(path).name} lacks "
                 f"column(s) {missing}; it has {frame.columns}"
             )
         frame = frame.with_columns(
@@ -256,28 +301,16 @@ def adapt_source(source: SftSource, files: Sequence[Path]) -> tuple[pl.DataFrame
         )
         try:
             adapted = adapter.convert(frame)
+            if tuple(adapted.columns) != tuple(schema.names()):
+                raise TypeError(f"adapter {adapter.name!r} returned {adapted.columns}")
+            parts.append(adapted.select(pl.col(n).cast(t) for n, t in schema.items()))
         except (pl.exceptions.SchemaError, pl.exceptions.InvalidOperationError) as exc:
             # Typically a column of the wrong type (a list where text was expected).
             raise SourceSchemaError(
-                f"SFT source {source.id!r} (adapter {adapter.name!r}): cannot convert "
+                f"{kind} {source.id!r} (adapter {adapter.name!r}): cannot convert "
                 f"{Path(path).name} with schema {dict(frame.schema)}: {exc}"
             ) from exc
-        if tuple(adapted.columns) != ADAPTED_COLUMNS:
-            raise TypeError(f"adapter {adapter.name!r} returned {adapted.columns}")
-        parts.append(
-            adapted.with_columns(
-                pl.col("source_id").cast(pl.String),
-                pl.col("messages").cast(MESSAGES),
-                pl.col("reason").cast(pl.String),
-            )
-        )
-    if not parts:
-        return ROWS_SCHEMA.to_frame(), REJECTS_SCHEMA.to_frame()
-    checked = check_messages(pl.concat(parts)).with_columns(pl.lit(source.id).alias("source"))
-    rows = checked.filter(pl.col("reason").is_null()).select(ROWS_SCHEMA.names())
-    rejects = checked.filter(pl.col("reason").is_not_null()).select(REJECTS_SCHEMA.names())
-    log.info("SFT source %s: %d rows, %d rejected", source.id, rows.height, rejects.height)
-    return rows, rejects
+    return pl.concat(parts) if parts else schema.to_frame()
 
 
 def check_messages(frame: pl.DataFrame) -> pl.DataFrame:
@@ -290,7 +323,7 @@ def check_messages(frame: pl.DataFrame) -> pl.DataFrame:
     """
     role = pl.element().struct.field("role")
     content = pl.element().struct.field("content")
-    tidy = pl.struct(role, content.str.strip_chars_end().str.strip_chars_start("\r\n"))
+    tidy = pl.struct(role, tidy_text(content))
     frame = frame.with_columns(pl.col("messages").list.eval(tidy))
     messages = pl.col("messages")
     blank = content.is_null() | (content.str.strip_chars() == "")
