@@ -29,9 +29,20 @@ def configs_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[1] / "configs"
 
 
+ARCHS = ("llama", "gpt2")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape of the decoder-only transformer (Llama-style blocks)."""
+    """Shape of the decoder-only transformer.
+
+    ``arch`` picks the block family. ``"llama"`` (the default, what the pipeline trains): RMSNorm,
+    RoPE, grouped KV heads, SwiGLU, no biases. ``"gpt2"``: the GPT-2 blocks as nanoGPT writes them
+    (LayerNorm with bias, learned absolute positions, tanh-GELU MLP of width ``ffn_hidden``, biases
+    on every linear layer but the LM head, multi-head attention), so OpenAI's GPT-2 checkpoints
+    and their descendants can be imported (``llm_core.interop``) and fine-tuned by the same
+    trainer. ``rope_theta`` means nothing to ``gpt2``; ``norm_eps`` is LayerNorm's epsilon there.
+    """
 
     vocab_size: int
     context_length: int
@@ -43,15 +54,20 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    arch: str = "llama"  # one of ARCHS
 
     def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown model arch {self.arch!r}; expected one of {list(ARCHS)}")
         kv = self.kv_heads
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
-        if (self.d_model // self.n_head) % 2:
+        if self.arch == "llama" and (self.d_model // self.n_head) % 2:
             raise ValueError("head dimension must be even for rotary embeddings")
         if self.n_head % kv:
             raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_head={kv}")
+        if self.arch == "gpt2" and kv != self.n_head:
+            raise ValueError(f"arch 'gpt2' has multi-head attention: n_kv_head={kv} != n_head")
 
     @property
     def kv_heads(self) -> int:

@@ -1,20 +1,35 @@
-"""Validation metrics for language models.
+"""Evaluation metrics for language models: held-out loss, zero-shot scoring, proportions.
 
 Loss per token depends on the tokenizer (a bigger vocabulary packs more text into each token), so
 runs with different tokenizers are compared on *bits per byte* of the original UTF-8 text:
 ``bpb = mean_loss_nats / ln 2 * tokens / bytes``. The shard manifest records both counts per split.
+
+Zero-shot benchmarks are scored by log-likelihood (:func:`score_continuations`): the model reads a
+context and we sum ``log p`` of a continuation's tokens. Multiple choice picks the option with the
+highest total log-probability (:func:`multiple_choice`), as the BLiMP paper's "simple LM method"
+does for minimal pairs; LAMBADA asks whether greedy decoding reproduces every token of the last
+word (:attr:`ContinuationScores.greedy`, the ``acc`` of lm-evaluation-harness).
+
+Proportions (accuracies, win rates) carry a Wilson 95% interval, since the item counts of the
+small profiles make a bare percentage misleading.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from tokenizers import Tokenizer
 from torch import nn
 
+from llm_core.data import EvalBatches, TokenShards
 from llm_core.objectives import _per_token_nll
 
 
@@ -87,3 +102,239 @@ def make_lm_evaluator(
         return {"val_loss": m["loss"], "val_perplexity": m["perplexity"], "val_bpb": m["bpb"]}
 
     return evaluator
+
+
+def evaluate_heldout(
+    model: nn.Module,
+    shards_dir: str | Path,
+    *,
+    batch_size: int,
+    num_batches: int,
+    split: str = "val",
+) -> dict[str, float]:
+    """Loss, perplexity and bits per byte on the held-out books of a shard directory.
+
+    The same windows as pretraining's validation (:class:`~llm_core.data.EvalBatches`: the first
+    ``num_batches`` batches of consecutive ``context_length`` windows), so the figure for the base
+    model matches its last ``val_bpb`` and every later stage is measured on identical tokens.
+    """
+    shards = TokenShards(shards_dir, split)
+    seq_len = int(model.config.context_length)  # type: ignore[union-attr]
+    if shards.vocab_size > int(model.config.vocab_size):  # type: ignore[union-attr]
+        raise ValueError(
+            f"{shards_dir}: shards use vocab_size {shards.vocab_size}, more than the model's "
+            f"{model.config.vocab_size}"  # type: ignore[union-attr]
+        )
+    batches = EvalBatches(shards, batch_size, seq_len, num_batches)
+    out = evaluate_lm(model, batches, shards.tokens_per_byte)
+    return {**out, "batches": float(len(batches))}
+
+
+def evaluate_assistant_loss(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    conversations: Sequence[Sequence[Mapping[str, str]]],
+    *,
+    batch_size: int,
+    num_batches: int,
+) -> dict[str, float]:
+    """Mean loss on the assistant tokens of ``conversations``, as SFT's validation measures it.
+
+    Same encoding (truncated to the model's window), the same packed batches in file order and
+    the same :func:`~llm_core.sft.evaluate_sft`, so a base model and its fine-tuned descendants
+    are compared on exactly the tokens ``sft_weights`` reported as ``val_loss``.
+    """
+    from llm_core.sft import ChatSpecials, SFTEvalBatches, encode_conversations, evaluate_sft
+
+    seq_len = int(model.config.context_length)  # type: ignore[union-attr]
+    data = encode_conversations(tokenizer, conversations, max_tokens=seq_len + 1)
+    if len(data) == 0:
+        raise ValueError("evaluate_assistant_loss: no conversations to score")
+    pad = ChatSpecials.from_tokenizer(tokenizer).pad
+    batches = SFTEvalBatches(data, batch_size, seq_len, pad, max_batches=num_batches)
+    out = evaluate_sft(model, batches)
+    return {**out, "perplexity": perplexity(out["loss"]), "conversations": float(len(data))}
+
+
+# ------------------------------------------------------------------------------ log-likelihood
+@dataclass(frozen=True)
+class ContinuationScores:
+    """Per item: total ``log p`` of the continuation, its token count, and whether greedy
+    decoding would have produced every continuation token (``greedy``)."""
+
+    logprob: np.ndarray  # float64 [N], natural log
+    tokens: np.ndarray  # int64 [N]
+    greedy: np.ndarray  # bool [N]
+    truncated: int  # items whose context was cut on the left to fit the model's window
+
+    @property
+    def mean_logprob(self) -> np.ndarray:
+        """Per-token mean ``log p``: compares continuations of different lengths."""
+        return self.logprob / self.tokens
+
+
+@torch.no_grad()
+def score_continuations(
+    model: nn.Module,
+    contexts: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]],
+    *,
+    batch_size: int = 16,
+    device: torch.device | str | None = None,
+) -> ContinuationScores:
+    """Log-likelihood of each ``continuations[i]`` given ``contexts[i]`` (token ids).
+
+    Each item is one sequence ``context + continuation``; a sequence longer than the model's
+    window keeps its last ``context_length + 1`` tokens (the context is cut on the left, the
+    continuation never). Items are sorted by length and right-padded per batch: the model is
+    causal, so padding after a sequence cannot change the logits of the tokens before it.
+    A context must hold at least one token (the first continuation token needs something to be
+    predicted from; use ``<|endoftext|>`` to score a sentence on its own).
+    """
+    if len(contexts) != len(continuations):
+        raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations")
+    window = int(model.config.context_length)  # type: ignore[union-attr]
+    seqs: list[list[int]] = []
+    starts: list[int] = []  # index in the target row of the first continuation token
+    truncated = 0
+    for i, (ctx, cont) in enumerate(zip(contexts, continuations, strict=True)):
+        if not ctx or not cont:
+            raise ValueError(f"item {i}: context and continuation must both be non-empty")
+        if len(cont) > window:
+            raise ValueError(
+                f"item {i}: continuation of {len(cont)} tokens exceeds the window of {window}"
+            )
+        seq = [*ctx, *cont]
+        if len(seq) > window + 1:
+            seq, truncated = seq[-(window + 1) :], truncated + 1
+        seqs.append(seq)
+        starts.append(len(seq) - 1 - len(cont))
+    n = len(seqs)
+    logprob = np.zeros(n, dtype=np.float64)
+    greedy = np.zeros(n, dtype=bool)
+    tokens = np.array([len(c) for c in continuations], dtype=np.int64)
+    if n == 0:
+        return ContinuationScores(logprob, tokens, greedy, truncated)
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    order = sorted(range(n), key=lambda i: -len(seqs[i]))
+    was_training = model.training
+    model.eval()
+    try:
+        for b in range(0, n, batch_size):
+            idx = order[b : b + batch_size]
+            width = max(len(seqs[i]) for i in idx) - 1
+            x = torch.zeros(len(idx), width, dtype=torch.long)
+            y = torch.full((len(idx), width), -100, dtype=torch.long)
+            mask = torch.zeros(len(idx), width, dtype=torch.bool)
+            for row, i in enumerate(idx):
+                s = torch.tensor(seqs[i], dtype=torch.long)
+                x[row, : len(s) - 1], y[row, : len(s) - 1] = s[:-1], s[1:]
+                mask[row, starts[i] : len(s) - 1] = True
+            x, y, mask = x.to(dev), y.to(dev), mask.to(dev)
+            logits = model(x)
+            nll = _per_token_nll(logits, y, ignore_index=-100)
+            hit = (logits.argmax(dim=-1) == y) | ~mask
+            lp = -(nll.double() * mask).sum(dim=-1)
+            for row, i in enumerate(idx):
+                logprob[i] = float(lp[row])
+                greedy[i] = bool(hit[row].all())
+    finally:
+        model.train(was_training)
+    return ContinuationScores(logprob, tokens, greedy, truncated)
+
+
+def multiple_choice(
+    model: nn.Module,
+    contexts: Sequence[Sequence[int]],
+    options: Sequence[Sequence[Sequence[int]]],
+    *,
+    batch_size: int = 16,
+) -> np.ndarray:
+    """Index of the option with the highest total ``log p`` given its context, per item.
+
+    Total (not per-token) log-probability is the right comparison for minimal pairs such as
+    BLiMP, whose two sentences differ in a word or two; ties go to the first option.
+    """
+    flat_ctx = [ctx for ctx, opts in zip(contexts, options, strict=True) for _ in opts]
+    flat_opt = [o for opts in options for o in opts]
+    scores = score_continuations(model, flat_ctx, flat_opt, batch_size=batch_size).logprob
+    out, k = np.zeros(len(options), dtype=np.int64), 0
+    for i, opts in enumerate(options):
+        out[i] = int(np.argmax(scores[k : k + len(opts)]))
+        k += len(opts)
+    return out
+
+
+# ------------------------------------------------------------------------------ proportions
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion.
+
+    Unlike the normal ("Wald") interval it stays inside [0, 1] and does not collapse to zero
+    width at 0% or 100%, which matters for the small item counts of the tiny and demo profiles.
+    ``successes`` may be fractional (a tie counted as half a win). ``n == 0`` gives ``(nan, nan)``:
+    no items, no interval, rather than a made-up one.
+    """
+    if n < 0 or successes < 0 or successes > n:
+        raise ValueError(f"need 0 <= successes ({successes}) <= n ({n})")
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    # Clamp to [0, 1] and around p: rounding must not leave p a hair outside its own interval.
+    return (min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)))
+
+
+def binomial_accuracy(correct: int, n: int) -> dict[str, Any]:
+    """``{"accuracy", "correct", "n", "ci95"}`` with a Wilson 95% interval (NaN when ``n == 0``)."""
+    acc = correct / n if n else float("nan")
+    return {
+        "accuracy": acc,
+        "correct": int(correct),
+        "n": int(n),
+        "ci95": wilson_interval(correct, n),
+    }
+
+
+# Rewards closer than this are a tie: the same reply scored in two differently composed batches
+# differs in the last float bits, which must not turn into a win.
+REWARD_TIE_TOLERANCE = 1e-5
+
+
+def reward_win_rate(
+    rewards_a: np.ndarray, rewards_b: np.ndarray, *, tie_tolerance: float = 0.0
+) -> dict[str, Any]:
+    """How often reply A beats reply B on the same prompt, judged by per-reply rewards.
+
+    ``rewards_a[i]`` and ``rewards_b[i]`` score two replies to prompt ``i``. A win is
+    ``a - b > tie_tolerance``; ties (``|a - b| <= tie_tolerance``, exact equality by default)
+    count half, so two identical policies sit at 0.5 rather than 0. A small tolerance keeps two
+    identical replies a tie when they were scored in different batches (float sums then differ
+    in the last bits). Returns ``win_rate``, ``wins``, ``ties``, ``losses``, ``n`` and ``ci95``
+    (Wilson interval on ``wins + ties / 2`` out of ``n``). Pairs with a non-finite reward are an
+    error: a NaN would silently count as a loss.
+    """
+    a = np.asarray(rewards_a, dtype=np.float64).reshape(-1)
+    b = np.asarray(rewards_b, dtype=np.float64).reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"rewards_a has {a.size} values but rewards_b has {b.size}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("reward_win_rate: rewards must be finite")
+    if tie_tolerance < 0:
+        raise ValueError(f"tie_tolerance must be >= 0, got {tie_tolerance}")
+    diff = a - b
+    wins, ties = int((diff > tie_tolerance).sum()), int((np.abs(diff) <= tie_tolerance).sum())
+    n = int(a.size)
+    score = wins + 0.5 * ties
+    return {
+        "win_rate": score / n if n else float("nan"),
+        "wins": wins,
+        "ties": ties,
+        "losses": n - wins - ties,
+        "n": n,
+        "ci95": wilson_interval(score, n),
+    }

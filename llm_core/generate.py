@@ -22,14 +22,15 @@ the window, exactly as ``use_cache=False`` does, and both settings give the same
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
+from tokenizers import Tokenizer
 from torch import Tensor
 
 from llm_core.model import KVCache, Transformer
 
-__all__ = ["generate", "sample_next", "stream"]
+__all__ = ["chat_prompt_ids", "chat_replies", "generate", "sample_next", "stream"]
 
 
 def generate(
@@ -45,19 +46,22 @@ def generate(
     use_cache: bool = True,
     seed: int | None = None,
     pad_id: int = 0,
+    keep_stop: bool = False,
 ) -> list[list[int]]:
     """New tokens for each prompt (prompt and stop token excluded), one list per row.
 
     ``prompt_ids`` is one prompt (``list[int]``) or a batch (``list[list[int]]``); either way the
     result is a list of rows. ``seed`` makes sampling reproducible (a private generator, the global
     RNG is untouched). ``pad_id`` only fills left padding: it is never attended to.
+    ``keep_stop`` ends each stopped row with its stop token: RL trains on the decision to stop,
+    so it must know which token ended the reply.
     """
     rows = _as_rows(prompt_ids)
     out: list[list[int]] = [[] for _ in rows]
     for tokens in _decode(
         model, rows, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         repetition_penalty=repetition_penalty, stop_ids=stop_ids, use_cache=use_cache,
-        seed=seed, pad_id=pad_id,
+        seed=seed, pad_id=pad_id, keep_stop=keep_stop,
     ):  # fmt: skip
         for row, tok in zip(out, tokens, strict=True):
             if tok is not None:
@@ -171,8 +175,10 @@ def _decode(
     use_cache: bool,
     seed: int | None,
     pad_id: int,
+    keep_stop: bool = False,
 ) -> Iterator[list[int | None]]:
-    """Yield, per step, each row's new token, or None for a row that has stopped."""
+    """Yield, per step, each row's new token, or None for a row that has stopped (its stop token
+    itself is yielded only with ``keep_stop``)."""
     _validate(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     cfg = model.config
     ctx = cfg.context_length
@@ -224,7 +230,7 @@ def _decode(
             logits = _penalize(logits, seen, repetition_penalty)
         nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
         hit_stop = torch.isin(nxt, stops) if stops.numel() else torch.zeros_like(done)
-        emitted = ~(done | hit_stop)
+        emitted = ~done if keep_stop else ~(done | hit_stop)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         yield [int(t) if e else None for t, e in zip(nxt.tolist(), emitted.tolist(), strict=True)]
         done |= hit_stop
@@ -251,3 +257,60 @@ def _window_hidden(model: Transformer, seq: Tensor, start: Tensor) -> Tensor:
         cols = torch.arange(window.shape[1], device=window.device)
         doc_ids = (cols[None, :] >= start[:, None]).long()
     return model.hidden_states(window, doc_ids=doc_ids)[:, -1]
+
+
+# ---------------------------------------------------------------------------------------- chat
+
+
+def chat_prompt_ids(
+    tokenizer: Tokenizer, prompts: Sequence[Sequence[Mapping[str, str]]], max_len: int
+) -> list[list[int]]:
+    """Each chat prompt in the template (ending in ``<|assistant|>``), keeping its last
+    ``max_len`` tokens: the oldest context goes first, the question being answered stays."""
+    from llm_core.sft import encode_prompt
+
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    return [encode_prompt(tokenizer, p)[-max_len:] for p in prompts]
+
+
+def chat_replies(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompts: Sequence[Sequence[Mapping[str, str]]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> list[str]:
+    """The assistant's reply to each chat prompt (``[{role, content}, ...]`` ending in a user
+    turn), decoded without special tokens and stripped.
+
+    Prompts are rendered with the SFT chat template and keep at most ``context_length -
+    max_new_tokens`` tokens (never fewer than half the context), so a reply normally fits the
+    window. Generation runs in left-padded batches of ``batch_size`` and stops a row at
+    ``<|end|>`` or ``<|endoftext|>``. ``temperature=0`` is greedy; otherwise batch ``j`` samples
+    with seed ``seed + j``, so results are reproducible for a given ``batch_size``.
+    """
+    from llm_core.sft import ChatSpecials
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    sp = ChatSpecials.from_tokenizer(tokenizer)
+    ctx = model.config.context_length
+    ids = chat_prompt_ids(tokenizer, prompts, max(ctx - max_new_tokens, ctx // 2))
+    replies: list[str] = []
+    for j, i in enumerate(range(0, len(ids), batch_size)):
+        new = generate(
+            model,
+            ids[i : i + batch_size],
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            stop_ids=(sp.end, sp.eot),
+            seed=seed + j,
+            pad_id=sp.pad,
+        )
+        replies += [tokenizer.decode(r, skip_special_tokens=True).strip() for r in new]
+    return replies

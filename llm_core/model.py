@@ -4,6 +4,13 @@ Token embedding -> ``n_layer`` x [RMSNorm -> causal self-attention (RoPE, option
 -> residual, RMSNorm -> SwiGLU MLP -> residual] -> final RMSNorm -> LM head (tied to the embedding).
 No biases anywhere.
 
+``ModelConfig.arch == "gpt2"`` swaps in GPT-2's parts, as nanoGPT has them, so GPT-2 checkpoints
+can be imported (``llm_core.interop``): token + learned position embedding, LayerNorm (with bias)
+instead of RMSNorm, no rotation in attention, a tanh-GELU MLP (``c_fc``/``c_proj``) instead of
+SwiGLU, and biases on every linear layer except the LM head. Everything else (the fused loss,
+packed ``doc_ids`` with per-document positions, the KV cache with left padding, generation) is
+shared; the Llama path is unchanged by the variant's existence.
+
 Written to be fast in *eager* mode on CPU, fp32 and bf16 autocast alike. At d_model=384 the GEMMs
 already run near the cores' peak, so what is left to win is the memory traffic and kernel count
 around them; each choice below was measured at the demo shape (benchmarks/train_throughput.py):
@@ -338,21 +345,27 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_caus
 
 
 class Attention(nn.Module):
-    """Causal self-attention with RoPE and optional grouped KV heads (GQA/MQA)."""
+    """Causal self-attention with RoPE and optional grouped KV heads (GQA/MQA).
+
+    The GPT-2 variant (``cos is None``) has biases and no rotation: its positions were added to
+    the input embedding. ``qkv`` holds the query heads, then the key heads, then the value heads,
+    which for multi-head attention is exactly GPT-2's ``c_attn`` layout.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_head, self.n_kv, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        bias = config.arch == "gpt2"
         self.qkv = nn.Linear(
-            config.d_model, (self.n_head + 2 * self.n_kv) * self.head_dim, bias=False
+            config.d_model, (self.n_head + 2 * self.n_kv) * self.head_dim, bias=bias
         )
-        self.proj = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=False)
+        self.proj = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=bias)
 
     def forward(
         self,
         x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
+        cos: Tensor | None,
+        sin: Tensor | None,
         attn_mask: Tensor | None,
         is_causal: bool,
         kv_cache: KVCache | None = None,
@@ -361,11 +374,14 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         h, kvh = self.n_head, self.n_kv
         qkv = self.qkv(x).view(b, t, h + 2 * kvh, self.head_dim)
-        # Queries and keys are adjacent heads of the fused output: rotate them in one pass.
-        # split (not slicing): its backward concatenates the gradients instead of zero-filling a
-        # full-size buffer and copying each slice into it.
-        qk, v = qkv.split((h + kvh, kvh), dim=2)
-        q, k = apply_rope(qk, cos, sin).split((h, kvh), dim=2)
+        if cos is None or sin is None:  # GPT-2: positions are in the input, nothing to rotate
+            q, k, v = qkv.split((h, kvh, kvh), dim=2)
+        else:
+            # Queries and keys are adjacent heads of the fused output: rotate them in one pass.
+            # split (not slicing): its backward concatenates the gradients instead of
+            # zero-filling a full-size buffer and copying each slice into it.
+            qk, v = qkv.split((h + kvh, kvh), dim=2)
+            q, k = apply_rope(qk, cos, sin).split((h, kvh), dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D] views
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
@@ -388,22 +404,51 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
+    @property
+    def out_proj(self) -> nn.Linear:
+        """The projection back into the residual stream (its init is depth-scaled)."""
+        return self.down
+
+
+class GeluMLP(nn.Module):
+    """GPT-2 feed-forward: c_proj(gelu(c_fc(x))) with biases, GELU in its tanh form as GPT-2 has it
+    (``gelu_new`` in Hugging Face). The names are GPT-2's, so its checkpoints map one to one."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.d_model, config.ffn_hidden, bias=True)
+        self.c_proj = nn.Linear(config.ffn_hidden, config.d_model, bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+    @property
+    def out_proj(self) -> nn.Linear:
+        return self.c_proj
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    """RMSNorm for Llama blocks, LayerNorm (with bias) for GPT-2 blocks."""
+    if config.arch == "gpt2":
+        return nn.LayerNorm(config.d_model, eps=config.norm_eps)
+    return RMSNorm(config.d_model, config.norm_eps)
+
 
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn_norm = make_norm(config)
         self.attn = Attention(config)
-        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.mlp = MLP(config)
+        self.mlp_norm = make_norm(config)
+        self.mlp: MLP | GeluMLP = GeluMLP(config) if config.arch == "gpt2" else MLP(config)
 
     def forward(
         self,
         x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
+        cos: Tensor | None,
+        sin: Tensor | None,
         attn_mask: Tensor | None,
         is_causal: bool,
         kv_cache: KVCache | None = None,
@@ -489,20 +534,25 @@ class Transformer(nn.Module):
     ``forward(idx)`` returns float logits [B, T, V]; ``loss(idx, targets)`` is the training entry
     point; ``hidden_states(idx)`` (or ``forward(..., return_hidden=True)``) returns the final-normed
     hidden states [B, T, d_model] for heads other than the LM head (e.g. a reward model).
+    ``pos_emb`` (learned positions) exists only for ``arch="gpt2"``; RoPE tables only for Llama.
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_emb: nn.Embedding | None = None
+        if config.arch == "gpt2":
+            self.pos_emb = nn.Embedding(config.context_length, config.d_model)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.norm = make_norm(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        cos, sin = self._rope_tables(config)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        if self.pos_emb is None:
+            cos, sin = self._rope_tables(config)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
     @staticmethod
@@ -517,18 +567,22 @@ class Transformer(nn.Module):
         """GPT-2 init: N(0, 0.02) everywhere, output projections scaled by 1/sqrt(2 * n_layer).
 
         The scaling keeps the residual stream's variance roughly independent of depth: each block
-        adds two projections' worth of variance to it.
+        adds two projections' worth of variance to it. Biases (GPT-2 variant) start at zero.
         """
         std = 0.02
         for module in self.modules():
             if isinstance(module, nn.Linear | nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+            elif isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
         proj_std = std / math.sqrt(2 * self.config.n_layer)
         for block in self.blocks:
             nn.init.normal_(block.attn.proj.weight, mean=0.0, std=proj_std)
-            nn.init.normal_(block.mlp.down.weight, mean=0.0, std=proj_std)
+            nn.init.normal_(block.mlp.out_proj.weight, mean=0.0, std=proj_std)
 
     # ------------------------------------------------------------------ forward passes
 
@@ -625,14 +679,28 @@ class Transformer(nn.Module):
             is_causal = False
             if positions is None:
                 positions = positions_from_doc_ids(doc_ids)
-        cos, sin = self._rope(t, positions, past)
-
-        x = self.tok_emb(idx)
+        cos: Tensor | None = None
+        sin: Tensor | None = None
+        if self.pos_emb is None:
+            cos, sin = self._rope(t, positions, past)
+            x = self.tok_emb(idx)
+        else:  # GPT-2: learned absolute positions added to the input, no rotation later
+            x = self.tok_emb(idx) + self.pos_emb(self._positions(t, positions, past, idx.device))
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, attn_mask, is_causal, kv_cache, i)
         if kv_cache is not None:
             kv_cache.advance(t)
         return self.norm(x)
+
+    def _positions(
+        self, t: int, positions: Tensor | None, past: int, device: torch.device
+    ) -> Tensor:
+        """Position ids [T] or [B, T] for the learned position embedding (GPT-2 variant)."""
+        if positions is None:
+            return torch.arange(past, past + t, device=device)
+        if bool((positions >= self.config.context_length).any()):
+            raise ValueError(f"positions must be < context_length={self.config.context_length}")
+        return positions
 
     def _rope(self, t: int, positions: Tensor | None, past: int) -> tuple[Tensor, Tensor]:
         """cos/sin broadcastable to [B, T, H, D/2], in the dtype the QKV projection will produce."""
@@ -653,14 +721,16 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ accounting
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameter count (tied weights counted once); ``non_embedding`` drops the token embedding.
+        """Parameter count (tied weights counted once); ``non_embedding`` drops the embeddings.
 
         The non-embedding count is the "N" of scaling laws (Kaplan et al.). With tied weights the
-        LM head is the embedding, so it goes too.
+        LM head is the embedding, so it goes too; so do GPT-2's learned positions (as nanoGPT).
         """
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= self.tok_emb.weight.numel()
+            if self.pos_emb is not None:
+                n -= self.pos_emb.weight.numel()
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> float:

@@ -132,7 +132,9 @@ class LMObjective:
         b = _as_mapping(batch)
         if b.get("loss_mask") is None and _has_fused_loss(model):
             kwargs = {k: b[k] for k in ("positions", "doc_ids") if b.get(k) is not None}
-            loss = model.loss(b["input_ids"], b["targets"], ignore_index=self.ignore_index, **kwargs)
+            loss = model.loss(
+                b["input_ids"], b["targets"], ignore_index=self.ignore_index, **kwargs
+            )
             return loss, {"loss": loss.detach()}
         logits = _forward(model, b)
         if b.get("loss_mask") is not None:
@@ -175,4 +177,8 @@ class DPOObjective:
             "loss": loss.detach(),
             "reward_margin": (cr - rjr).mean(),
             "reward_accuracy": (cr > rjr).float().mean(),
+            "rewards_chosen": cr.mean(),
+            "rewards_rejected": rjr.mean(),
+            "logps_chosen": pc.detach().mean(),
+            "logps_rejected": pr.detach().mean(),
         }

@@ -56,6 +56,13 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def write_metrics(out: Path, summary: dict[str, Any]) -> None:
+    """``out/metrics.json`` in strict JSON, written atomically."""
+    atomic_write_bytes(
+        out / "metrics.json", (json.dumps(_json_safe(summary), indent=2) + "\n").encode()
+    )
+
+
 def run_pretraining(
     shards_dir: str | Path,
     out_dir: str | Path,
@@ -146,9 +153,7 @@ def run_pretraining(
                     "tokenizer_sha256": manifest.get("tokenizer_sha256"),
                 },
             }
-            atomic_write_bytes(
-                out / "metrics.json", (json.dumps(_json_safe(summary), indent=2) + "\n").encode()
-            )
+            write_metrics(out, summary)
         if info.distributed:
             dist.barrier()
         return result

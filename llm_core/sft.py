@@ -133,18 +133,51 @@ def truncate_conversation(
     return ids[start : start + max_len], mask[start : start + max_len]
 
 
+def truncate_left(ids: np.ndarray, mask: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cut a prompt + final reply to ``max_len`` tokens, dropping the *oldest* prompt tokens.
+
+    What scores or compares replies (a reward model pooling the last token, DPO summing the
+    reply's log-probabilities) needs the reply whole and its nearest context, not the start of
+    the conversation. A reply too long for the window keeps its start, after at most a quarter
+    window of prompt, so the pair still says which reply this is.
+    """
+    if max_len < 2:
+        raise ValueError(f"max_len must be >= 2, got {max_len}")
+    if len(ids) <= max_len:
+        return ids, mask
+    supervised = np.flatnonzero(mask)
+    if supervised.size == 0:
+        raise ValueError("conversation has no supervised token")
+    reply_start = max(int(supervised[0]) - 1, 0)  # the <|assistant|> token before the reply
+    if len(ids) - reply_start <= max_len:
+        start = len(ids) - max_len
+    else:
+        start = max(0, reply_start - max_len // 4)
+    return ids[start : start + max_len], mask[start : start + max_len]
+
+
 def encode_conversations(
     tok: Tokenizer,
     conversations: Sequence[Sequence[Message]],
     *,
     max_tokens: int | None = None,
+    last_reply_only: bool = False,
+    truncation: str = "head",
 ) -> ChatDataset:
     """Token ids and loss mask of each conversation, truncated to ``max_tokens`` if given.
 
     All message contents go through one ``encode_batch`` call (the tokenizer's threads do the
     work), then each conversation is assembled as role token + content + ``<|end|>`` per turn.
     Raises ``ValueError`` for a conversation with no assistant reply: it would train nothing.
+
+    ``last_reply_only`` supervises only the final assistant turn (earlier ones are context, as in
+    a preference pair whose prompt holds a dialogue). ``truncation`` picks how an over-long
+    conversation is cut: ``"head"`` (:func:`truncate_conversation`, for SFT) or ``"left"``
+    (:func:`truncate_left`, for scoring a final reply).
     """
+    cut = {"head": truncate_conversation, "left": truncate_left}.get(truncation)
+    if cut is None:
+        raise ValueError(f"truncation must be 'head' or 'left', got {truncation!r}")
     sp = ChatSpecials.from_tokenizer(tok)
     turns = [template_messages(c) for c in conversations]
     flat = [m["content"] for conv in turns for m in conv]
@@ -156,17 +189,17 @@ def encode_conversations(
     for i, conv in enumerate(turns):
         ids: list[int] = []
         mask: list[bool] = []
-        for m in conv:
+        for j, m in enumerate(conv):
             content = encoded[k].ids
             k += 1
-            reply = m["role"] == "assistant"
+            reply = m["role"] == "assistant" and (not last_reply_only or j == len(conv) - 1)
             ids += [sp.role(m["role"]), *content, sp.end]
             mask += [False] + [reply] * (len(content) + 1)
         if not any(mask):
             raise ValueError(f"conversation #{i} has no assistant reply to learn from")
         a, b = np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=bool)
         if max_tokens is not None and len(a) > max_tokens:
-            a, b = truncate_conversation(a, b, max_tokens)
+            a, b = cut(a, b, max_tokens)
             truncated += 1
         ids_parts.append(a)
         mask_parts.append(b)
@@ -178,6 +211,33 @@ def encode_conversations(
         mask=np.concatenate(mask_parts) if mask_parts else np.zeros(0, dtype=bool),
         offsets=offsets,
         truncated=truncated,
+    )
+
+
+def encode_replies(
+    tok: Tokenizer,
+    prompts: Sequence[Sequence[Message]],
+    replies: Sequence[str],
+    *,
+    max_tokens: int | None = None,
+) -> ChatDataset:
+    """Each prompt followed by its assistant reply, with only that reply supervised.
+
+    The ids are exactly what SFT trains on for the same conversation (one template, one
+    encoder); over-long ones lose the oldest prompt tokens (:func:`truncate_left`). This is the
+    encoding of everything that scores a reply: the reward model, DPO and GRPO. Each prompt must
+    end with a user turn.
+    """
+    if len(prompts) != len(replies):
+        raise ValueError(f"{len(prompts)} prompts but {len(replies)} replies")
+    for i, p in enumerate(prompts):
+        if not p or p[-1].get("role") not in ("user", "tool"):
+            raise ValueError(f"prompt #{i} must end with a user turn")
+    convs = [
+        [*p, {"role": "assistant", "content": r}] for p, r in zip(prompts, replies, strict=True)
+    ]
+    return encode_conversations(
+        tok, convs, max_tokens=max_tokens, last_reply_only=True, truncation="left"
     )
 
 

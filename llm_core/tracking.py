@@ -33,6 +33,28 @@ TRACKED_METRICS = (
     "grad_norm",
     "tokens_per_s",
     "mfu",
+    # alignment: reward model and DPO (pairwise), GRPO (online), win rate over the SFT model
+    "reward_accuracy",
+    "reward_margin",
+    "val_reward_accuracy",
+    "val_reward_margin",
+    "val_ece",
+    "bt_loss",
+    "lm_loss",
+    "logps_chosen",
+    "logps_rejected",
+    "rewards_chosen",
+    "rewards_rejected",
+    "val_logps_chosen",
+    "val_logps_rejected",
+    "reward_mean",
+    "kl",
+    "reply_len",
+    "clip_frac",
+    "val_reward",
+    "win_rate",
+    "policy_reward",
+    "sft_reward",
 )
 _MAX_PARAM_LEN = 6000  # MLflow's limit on a parameter value
 _BATCH = 100  # MLflow's limit on params per log_batch call

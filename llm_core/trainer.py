@@ -216,9 +216,24 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 
 def _batch_shape(batch: Any) -> tuple[int, int]:
-    """``(rows, seq_len)`` of the token ids in a batch, for throughput accounting."""
-    x = batch["input_ids"] if isinstance(batch, Mapping) else batch[0]
-    return int(x.size(0)), int(x.size(-1))
+    """``(rows, seq_len)`` of the token ids in a batch, for throughput accounting.
+
+    A mapping without ``input_ids`` counts every other ``*_ids`` matrix (the chosen and rejected
+    sides of preference pairs); one with none counts no tokens (an RL batch of prompts: the
+    objective generates the tokens and reports their number as its ``tokens`` metric).
+    """
+    if not isinstance(batch, Mapping):
+        return int(batch[0].size(0)), int(batch[0].size(-1))
+    if "input_ids" in batch:
+        return int(batch["input_ids"].size(0)), int(batch["input_ids"].size(-1))
+    sides = [
+        v
+        for k, v in batch.items()
+        if k.endswith("_ids") and k != "doc_ids" and isinstance(v, torch.Tensor) and v.dim() == 2
+    ]
+    if not sides:
+        return 0, 0
+    return sum(int(v.size(0)) for v in sides), max(int(v.size(-1)) for v in sides)
 
 
 class Trainer:
@@ -382,6 +397,9 @@ class Trainer:
                 with self._autocast():
                     loss, metrics = self.objective(self.train_model, batch)
                 (loss / cfg.grad_accum).backward()
+            made = metrics.pop("tokens", None)  # an objective that generates its batch (RL)
+            if made is not None:
+                tokens += int(made)
             loss_sum += loss.detach().float()
             for k, v in metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0) + torch.as_tensor(v).detach().float()

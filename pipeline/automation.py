@@ -76,7 +76,7 @@ full_pipeline = dg.define_asset_job(
 evaluation_job = dg.define_asset_job(
     "evaluation_job",
     selection=EVALUATION_SELECTION,
-    description="The evaluation report on the latest weights (empty until it is defined).",
+    description="The evaluation report (evaluation_report) on the latest weights of every stage.",
 )
 
 JOBS = [data_job, train_job, full_pipeline, evaluation_job]

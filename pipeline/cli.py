@@ -261,6 +261,85 @@ def _add_chat(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
     chat.set_defaults(func=_cmd_chat)
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    """Write a Hugging Face model folder (config, safetensors, tokenizer, chat template, card)."""
+    import os
+
+    from llm_core.interop import export_hf
+    from pipeline.model_card import STAGE_NAMES, card_info, stage_of
+
+    weights = Path(args.weights)
+    data_root = Path(os.environ.get("SCRIPTORIUM_DATA", "data"))
+    stage = {name: key for key, name in STAGE_NAMES.items()}
+    try:
+        tokenizer = _resolve_tokenizer(weights, args.tokenizer)
+        card = card_info(
+            data_root,
+            stage[args.stage] if args.stage else stage_of(weights.resolve()),
+            profile_name=os.environ.get("SCRIPTORIUM_PROFILE"),
+            base_model=args.base_model,
+            licence=args.license,
+        )
+        out = export_hf(weights, tokenizer, args.out, card=card)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"scriptorium export: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported {weights} to {out}")
+    return 0
+
+
+def _add_export(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    exp = subparsers.add_parser("export", help="write a Hugging Face model folder")
+    exp.add_argument("--weights", required=True, help="folder with model.safetensors + config.json")
+    exp.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    exp.add_argument("--tokenizer", default=None, help="tokenizer.json (default: beside weights)")
+    exp.add_argument(
+        "--stage",
+        choices=["pretrain", "sft", "rlhf"],
+        default=None,
+        help="stage that produced the weights, for the model card (default: from the folder name)",
+    )
+    exp.add_argument("--base-model", default=None, help="Hub id this model was fine-tuned from")
+    exp.add_argument("--license", default=None, help="Hub licence id for the card's metadata")
+    exp.set_defaults(func=_cmd_export)
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    """A Hugging Face Llama or GPT-2 folder (safetensors only) -> llm_core weights.
+
+    A ``tokenizer.json`` in the folder comes along, given the chat tokens it lacks (the model's
+    embedding grows to match), so ``scriptorium chat`` and SFT can use the result directly.
+    """
+    from tokenizers import Tokenizer
+
+    from llm_core.checkpoint import save_weights
+    from llm_core.interop import add_chat_tokens, load_hf_model
+    from pipeline.io import atomic_write_text
+
+    src, out = Path(args.hf), Path(args.out)
+    try:
+        model = load_hf_model(src)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"scriptorium import: {exc}", file=sys.stderr)
+        return 2
+    tok = None
+    if (src / "tokenizer.json").is_file():
+        tok, model = add_chat_tokens(Tokenizer.from_file(str(src / "tokenizer.json")), model)
+    save_weights(model, out)
+    if tok is not None:
+        atomic_write_text(out / "tokenizer.json", tok.to_str(pretty=True))
+    cfg = model.config
+    print(f"imported {src} ({cfg.arch}, {model.num_params() / 1e6:.2f}M parameters) to {out}")
+    return 0
+
+
+def _add_import(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    imp = subparsers.add_parser("import", help="convert a Hugging Face Llama/GPT-2 folder")
+    imp.add_argument("--hf", required=True, help="folder with config.json + *.safetensors")
+    imp.add_argument("--out", required=True, help="llm_core weights folder to write")
+    imp.set_defaults(func=_cmd_import)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full parser; add a subcommand with one ``_add_*`` call here."""
     parser = argparse.ArgumentParser(
@@ -270,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mirror(subparsers)
     _add_generate(subparsers)
     _add_chat(subparsers)
+    _add_export(subparsers)
+    _add_import(subparsers)
     return parser
 
 

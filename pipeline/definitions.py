@@ -2,13 +2,24 @@
 
 import dagster as dg
 
-from pipeline.assets import gutenberg, pretrain, sft, tokens
+from pipeline.assets import (
+    alignment,
+    evaluation,
+    export,
+    gutenberg,
+    preferences,
+    pretrain,
+    sft,
+    tokens,
+)
 from pipeline.automation import JOBS, SCHEDULES, SENSORS
 from pipeline.checks import ALL_CHECKS
 from pipeline.resources import resources_from_env
 from pipeline.sft_checks import SFT_CHECKS
 
-all_assets = dg.load_assets_from_modules([gutenberg, tokens, pretrain, sft])
+all_assets = dg.load_assets_from_modules(
+    [gutenberg, tokens, pretrain, sft, preferences, alignment, export, evaluation]
+)
 
 defs = dg.Definitions(
     assets=all_assets,

@@ -79,17 +79,13 @@ def chat_answers(
 ) -> dict[str, str]:
     """Greedy answers of the chat model to fixed single-turn prompts (one batched generate)."""
     from llm_core.checkpoint import load_weights
-    from llm_core.generate import generate
-    from llm_core.sft import ChatSpecials, encode_prompt
+    from llm_core.generate import chat_replies
     from llm_core.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_path)
-    sp = ChatSpecials.from_tokenizer(tok)
     model = load_weights(weights_dir).eval()
-    ids = [encode_prompt(tok, [{"role": "user", "content": p}]) for p in prompts]
-    n_new = max(1, min(n_new, model.config.context_length - max(map(len, ids))))
-    new = generate(model, ids, n_new, temperature=0.0, stop_ids=(sp.end, sp.eot), pad_id=sp.pad)
-    answers = (tok.decode(a, skip_special_tokens=True).strip() for a in new)
+    messages = [[{"role": "user", "content": p}] for p in prompts]
+    answers = chat_replies(model, tok, messages, n_new, batch_size=len(messages))
     return {p: a or "(no text)" for p, a in zip(prompts, answers, strict=True)}
 
 
@@ -99,9 +95,18 @@ def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
-def stage_train_config(profile: dict[str, Any], section: str, ex: dict[str, Any]) -> TrainConfig:
-    """The profile's ``section`` as a TrainConfig, with the run's step and device overrides."""
-    train = dict(profile.get(section) or {})
+def stage_train_config(
+    profile: dict[str, Any], section: str, ex: dict[str, Any], overlay: str | None = None
+) -> TrainConfig:
+    """The profile's ``section`` as a TrainConfig, with the run's step and device overrides.
+
+    ``overlay`` names a method whose mapping inside the section overrides the section's own keys
+    (e.g. ``rlhf.grpo``), and is recorded as ``method``; the other methods' mappings are left out.
+    """
+    raw = dict(profile.get(section) or {})
+    train = {k: v for k, v in raw.items() if not isinstance(v, dict)}
+    if overlay is not None:
+        train.update({"method": overlay, **(raw.get(overlay) or {})})
     train.setdefault("seed", profile.get("seed", 1337))
     if ex.get("steps"):
         train["steps"] = int(ex["steps"])
@@ -126,6 +131,7 @@ class Stage:
     samples: Callable[[dict[str, Any]], dict[str, str]]  # fixed prompts -> model output
     samples_key: str  # metadata name of those samples
     metadata: Callable[[TrainResult, dict[str, Any]], dict[str, Any]]
+    overlay: str | None = None  # mapping inside ``section`` that overrides it (a method's own)
 
 
 def _pretrain_fn(
@@ -176,6 +182,275 @@ def _sft_metadata(result: TrainResult, summary: dict[str, Any]) -> dict[str, Any
     }
 
 
+# ------------------------------------------------------------------------------ alignment
+def _preferences(path: str) -> Any:
+    """A ``preference_pairs`` split as plain lists for llm_core; a train split must not be empty
+    (an empty val split only turns validation off)."""
+    from llm_core.align import Preferences
+    from pipeline.text.preferences import read_pairs
+
+    prefs = Preferences.from_records(read_pairs(path))
+    if not len(prefs) and Path(path).name.startswith("train"):
+        raise ValueError(f"{path}: no preference pairs to train on (see its rejects.parquet)")
+    return prefs
+
+
+def _reward_fn(ex: dict[str, Any], cfg: TrainConfig) -> Any:
+    """``(prompts, replies) -> rewards`` from the ``reward_model`` artefact."""
+    import functools
+
+    from llm_core.reward import load_reward_model, score_replies
+    from llm_core.tokenizer import load_tokenizer
+    from llm_core.trainer import resolve_device
+
+    model = load_reward_model(ex["reward_model"], device=resolve_device(cfg.device))
+    return functools.partial(score_replies, model, load_tokenizer(ex["tokenizer"]))
+
+
+def _on_pairs(
+    run_fn: Callable[..., Any],
+    ex: dict[str, Any],
+    cfg: TrainConfig,
+    callbacks: Sequence[Any],
+    **kw: Any,
+) -> Any:
+    """``run_fn`` (run_reward_training, run_dpo) on the train and val preference pairs."""
+    return run_fn(
+        _preferences(ex["train_path"]),
+        _preferences(ex["val_path"]),
+        ex["init_weights"],
+        ex["tokenizer"],
+        ex["out_dir"],
+        cfg,
+        callbacks=callbacks,
+        resume=bool(ex["resume"]),
+        **kw,
+    )
+
+
+def _reward_train_fn(
+    ex: dict[str, Any], cfg: TrainConfig, callbacks: Sequence[Any]
+) -> tuple[TrainResult, dict[str, Any]]:
+    from llm_core.reward import run_reward_training
+
+    run = _on_pairs(
+        run_reward_training,
+        ex,
+        cfg,
+        callbacks,
+        pooling=str(cfg.extra.get("pooling", "last")),
+        lm_loss_weight=float(cfg.extra.get("lm_loss_weight", 0.0)),
+    )
+    return run.result, run.summary
+
+
+def _accuracy_ci(summary: dict[str, Any]) -> tuple[float, float] | None:
+    from llm_core.evaluate import wilson_interval
+
+    acc, n = summary.get("val_accuracy"), int(summary.get("val_pairs") or 0)
+    return wilson_interval(acc * n, n) if acc is not None and n else None
+
+
+def _reward_metadata(result: TrainResult, summary: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "val_accuracy": _meta(summary.get("val_accuracy"), "float"),
+        "val_accuracy_ci95": _meta(_accuracy_ci(summary), "json"),
+        "val_accuracy_before": _meta(summary.get("val_accuracy_before"), "float"),
+        "val_margin": _meta(summary.get("val_margin"), "float"),
+        "val_ece": _meta(summary.get("val_ece"), "float"),
+        "pooling": _meta(summary.get("pooling"), "text"),
+        "lm_loss_weight": _meta(summary.get("lm_loss_weight"), "float"),
+        "train_pairs": _meta(summary.get("train_pairs"), "int"),
+        "val_pairs": _meta(summary.get("val_pairs"), "int"),
+    }
+
+
+def reward_examples(ex: dict[str, Any], n: int = 3) -> dict[str, str]:
+    """Rewards of the first held-out pairs, chosen against rejected, for a glance at the model."""
+    from llm_core.reward import load_reward_model, score_replies
+    from llm_core.tokenizer import load_tokenizer
+
+    pairs = _preferences(ex["val_path"]).head(n)
+    model, tok = load_reward_model(ex["out_dir"]), load_tokenizer(ex["tokenizer"])
+    rc = score_replies(model, tok, pairs.prompts, pairs.chosen)
+    rr = score_replies(model, tok, pairs.prompts, pairs.rejected)
+    return {
+        p[-1]["content"][:200]: f"chosen {c:+.3f} vs rejected {r:+.3f}"
+        for p, c, r in zip(pairs.prompts, rc, rr, strict=True)
+    }
+
+
+def _held_out_prompts(ex: dict[str, Any], n: int) -> list[list[dict[str, str]]]:
+    """The first ``n`` distinct prompts of the held-out pairs (the same for every method)."""
+    from llm_core.align import unique_prompts
+
+    return unique_prompts(_preferences(ex["val_path"]).prompts)[:n]
+
+
+def rlhf_win_rate(ex: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
+    """Reward-model win rate of the aligned model over the SFT model on held-out prompts
+    (``rlhf.win_rate_prompts`` of them, greedy replies of ``rlhf.max_new_tokens``)."""
+    from llm_core.checkpoint import load_weights
+    from llm_core.reward import load_reward_model, policy_win_rate
+    from llm_core.tokenizer import load_tokenizer
+    from llm_core.trainer import resolve_device
+
+    section = load_profile(ex["profile"]).get("rlhf") or {}
+    dev = resolve_device(device)
+    prompts = _held_out_prompts(ex, int(section.get("win_rate_prompts", 8)))
+    return policy_win_rate(
+        load_reward_model(ex["reward_model"], device=dev),
+        load_tokenizer(ex["tokenizer"]),
+        load_weights(ex["out_dir"], device=dev).eval(),
+        load_weights(ex["init_weights"], device=dev).eval(),
+        prompts,
+        max_new_tokens=int(section.get("max_new_tokens", 32)),
+    )
+
+
+def _with_win_rate(
+    ex: dict[str, Any], cfg: TrainConfig, callbacks: Sequence[Any], run: Any
+) -> tuple[TrainResult, dict[str, Any]]:
+    """Add the win rate to the run's summary (and ``metrics.json``) and report it to the
+    callbacks as the run's last evaluation, so MLflow records it with the other metrics."""
+    from llm_core.pretrain import write_metrics
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return run.result, run.summary
+    win = rlhf_win_rate(ex, cfg.device)
+    summary = {**run.summary, "win_rate": win}
+    write_metrics(Path(ex["out_dir"]), summary)
+    scalars = {
+        "win_rate": win["win_rate"],
+        "policy_reward": win["reward_mean"],
+        "sft_reward": win["baseline_reward_mean"],
+    }
+    for cb in callbacks:
+        if hasattr(cb, "on_eval"):
+            cb.on_eval(run.result.steps, scalars)
+    return run.result, summary
+
+
+def _dpo_fn(
+    ex: dict[str, Any], cfg: TrainConfig, callbacks: Sequence[Any]
+) -> tuple[TrainResult, dict[str, Any]]:
+    from llm_core.align import run_dpo
+
+    run = _on_pairs(run_dpo, ex, cfg, callbacks, beta=float(cfg.extra.get("beta", 0.1)))
+    return _with_win_rate(ex, cfg, callbacks, run)
+
+
+def _grpo_fn(
+    ex: dict[str, Any], cfg: TrainConfig, callbacks: Sequence[Any]
+) -> tuple[TrainResult, dict[str, Any]]:
+    from llm_core.align import unique_prompts
+    from llm_core.rl import GRPOConfig, run_grpo
+
+    run = run_grpo(
+        unique_prompts(_preferences(ex["train_path"]).prompts),
+        unique_prompts(_preferences(ex["val_path"]).prompts),
+        ex["init_weights"],
+        ex["tokenizer"],
+        ex["out_dir"],
+        cfg,
+        _reward_fn(ex, cfg),
+        GRPOConfig.from_dict(cfg.extra),
+        callbacks=callbacks,
+        resume=bool(ex["resume"]),
+    )
+    return _with_win_rate(ex, cfg, callbacks, run)
+
+
+def _best_of_n_fn(
+    ex: dict[str, Any], cfg: TrainConfig, callbacks: Sequence[Any]
+) -> tuple[TrainResult, dict[str, Any]]:
+    from llm_core.align import unique_prompts
+    from llm_core.rl import run_best_of_n
+
+    x = cfg.extra
+    prompts = unique_prompts(_preferences(ex["train_path"]).prompts)
+    run = run_best_of_n(
+        prompts[: int(x.get("prompts", len(prompts)))],
+        _held_out_prompts(ex, int(x.get("val_prompts", 16))),
+        ex["init_weights"],
+        ex["tokenizer"],
+        ex["out_dir"],
+        cfg,
+        _reward_fn(ex, cfg),
+        n=int(x.get("n", 4)),
+        max_new_tokens=int(x.get("max_new_tokens", 32)),
+        temperature=float(x.get("temperature", 1.0)),
+        callbacks=callbacks,
+        resume=bool(ex["resume"]),
+    )
+    return _with_win_rate(ex, cfg, callbacks, run)
+
+
+# What each method adds to the metadata (beyond the win rate): summary keys, final metrics keys.
+_METHOD_SUMMARY = {
+    "dpo": ("beta", "train_pairs", "val_pairs"),
+    "grpo": (
+        "reward_first",
+        "reward_last",
+        "kl_last",
+        "reply_len_last",
+        "val_reward_before",
+        "val_reward_after",
+    ),
+    "best_of_n": ("n", "winners", "empty_winners", "sample_reward_mean", "winner_reward_mean"),
+}
+_METHOD_FINAL = {
+    "dpo": (
+        "val_reward_accuracy",
+        "val_reward_margin",
+        "val_logps_chosen",
+        "val_logps_rejected",
+    ),
+    "grpo": (),
+    "best_of_n": (),
+}
+
+
+def _rlhf_metadata(result: TrainResult, summary: dict[str, Any]) -> dict[str, Any]:
+    method = str(summary.get("method"))
+    win = summary.get("win_rate") or {}
+    meta: dict[str, Any] = {
+        "method": _meta(method, "text"),
+        "win_rate": _meta(win.get("win_rate"), "float"),
+        "win_rate_ci95": _meta(win.get("ci95"), "json"),
+        "win_rate_counts": _meta(
+            {k: win.get(k) for k in ("wins", "ties", "losses", "n")} if win else None, "json"
+        ),
+        "policy_reward_mean": _meta(win.get("reward_mean"), "float"),
+        "sft_reward_mean": _meta(win.get("baseline_reward_mean"), "float"),
+        "win_rate_examples": _meta(
+            "\n\n".join(
+                f"**{e['prompt'][:200]}**<br>aligned: {e['reply']!r}<br>sft: {e['baseline_reply']!r}"
+                for e in win.get("examples", [])
+            )
+            or None,
+            "md",
+        ),
+    }
+    for key in _METHOD_SUMMARY.get(method, ()):
+        value = summary.get(key)
+        meta[key] = _meta(value, "int" if isinstance(value, int) else "float")
+    for key in _METHOD_FINAL.get(method, ()):
+        meta[key] = _meta(result.final_metrics.get(key), "float")
+    return meta
+
+
+def _rlhf_stage(method: str, train: TrainFn) -> Stage:
+    return Stage(
+        section="rlhf",
+        overlay=method,
+        train=train,
+        samples=lambda ex: chat_answers(Path(ex["out_dir"]), Path(ex["tokenizer"])),
+        samples_key="answers",
+        metadata=_rlhf_metadata,
+    )
+
+
 STAGES: dict[str, Stage] = {
     "pretrain": Stage(
         section="pretrain",
@@ -193,13 +468,33 @@ STAGES: dict[str, Stage] = {
         samples_key="answers",
         metadata=_sft_metadata,
     ),
+    "reward": Stage(
+        section="reward_train",
+        train=_reward_train_fn,
+        samples=reward_examples,
+        samples_key="val_pair_rewards",
+        metadata=_reward_metadata,
+    ),
+    "dpo": _rlhf_stage("dpo", _dpo_fn),
+    "grpo": _rlhf_stage("grpo", _grpo_fn),
+    "best_of_n": _rlhf_stage("best_of_n", _best_of_n_fn),
 }
+
+
+def _model_config(profile: dict[str, Any], ex: dict[str, Any]) -> dict[str, Any]:
+    """The trained model's config: the starting weights' own (fine-tuning stages, which may start
+    from an imported checkpoint), else the profile's (pretraining)."""
+    init = ex.get("init_weights")
+    config = Path(init) / "config.json" if init else None
+    if config is not None and config.is_file():
+        return json.loads(config.read_text())
+    return model_config_from_profile(profile).to_dict()
 
 
 def run_stage(stage: Stage, ex: dict[str, Any], pipes: Any | None) -> None:
     """Train one stage; on rank 0 with Pipes, track it in MLflow and report the materialisation."""
     profile = load_profile(ex["profile"])
-    train_cfg = stage_train_config(profile, stage.section, ex)
+    train_cfg = stage_train_config(profile, stage.section, ex, stage.overlay)
     out = Path(ex["out_dir"])
     if int(os.environ.get("RANK", "0")) != 0 or pipes is None:
         stage.train(ex, train_cfg, ())
@@ -210,7 +505,7 @@ def run_stage(stage: Stage, ex: dict[str, Any], pipes: Any | None) -> None:
     tracker = MlflowTracker(ex["mlflow_uri"], ex["experiment"])
     t0 = time.perf_counter()
     with tracker.start_run(ex["run_name"], ex["tags"]) as run:
-        model = model_config_from_profile(profile).to_dict()
+        model = _model_config(profile, ex)
         tracker.log_params(
             {"profile": profile.get("name"), "model": model, stage.section: train_cfg.to_dict()}
         )

@@ -9,6 +9,9 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import dagster as dg
 
@@ -51,6 +54,70 @@ def training_command(compute: Compute, module: str) -> list[str]:
     return [sys.executable, "-m", module]
 
 
+def launch_training(
+    context: dg.AssetExecutionContext,
+    *,
+    stage: str,
+    out: Path,
+    upstream_keys: list[str],
+    registered_model: str,
+    version_parts: Sequence[Any],
+    inputs: dict[str, Any],
+    profile: Profile,
+    paths: Paths,
+    mlflow: MlflowTracking,
+    compute: Compute,
+    resume: bool = False,
+    steps: int = 0,
+) -> dg.MaterializeResult:
+    """Run ``python -m pipeline.train_child`` (or torchrun) for one training ``stage`` through
+    Dagster Pipes and return the materialisation the child reports.
+
+    Every training asset passes the same plain extras: the profile, ``out_dir``, the run-time
+    knobs, the MLflow store, run name and tags (Dagster run id, asset key, profile, stage and
+    the upstream data versions), the registered model name and a data version (a hash of the
+    upstream versions and ``version_parts``). ``inputs`` adds the stage's own paths and settings.
+    Without ``resume``, old checkpoints are removed first so a run never continues a stale one.
+    """
+    if not resume and (out / "checkpoints").exists():
+        shutil.rmtree(out / "checkpoints")
+    p = profile.load()
+    upstream = upstream_versions(context, upstream_keys)
+    extras = {
+        "stage": stage,
+        "profile": profile.name,
+        **inputs,
+        "out_dir": str(out),
+        "resume": resume,
+        "steps": steps,
+        "device": compute.device,
+        "mlflow_uri": mlflow.uri(paths),
+        "experiment": mlflow.experiment,
+        "run_name": f"{stage}-{p.get('name')}-{context.run.run_id[:8]}",
+        "tags": {
+            "dagster.run_id": context.run.run_id,
+            "dagster.asset_key": context.asset_key.to_user_string(),
+            "dagster.partition": context.partition_key if context.has_partition_key else "",
+            "scriptorium.profile": str(p.get("name")),
+            "scriptorium.stage": stage,
+            **{f"upstream.{k}": v for k, v in upstream.items()},
+        },
+        "registered_model": registered_model,
+        "data_version": version_hash(upstream, *version_parts),
+    }
+    env = {**os.environ, "SCRIPTORIUM_TRAIN_EXTRAS": json.dumps(extras)}
+    return (
+        dg.PipesSubprocessClient()
+        .run(
+            command=training_command(compute, "pipeline.train_child"),
+            context=context,
+            extras=extras,
+            env=env,
+        )
+        .get_materialize_result()
+    )
+
+
 @dg.asset(
     group_name=GROUP,
     code_version=profile_code_version(
@@ -71,39 +138,19 @@ def pretrained_weights(
     """A from-scratch decoder-only model trained on the token shards (``model.safetensors``)."""
     shards = paths.require("token_shards", "manifest.json").parent
     tokenizer = paths.require("bpe_tokenizer", "tokenizer.json")
-    out = paths.asset_dir("pretrained_weights")
-    if not config.resume and (out / "checkpoints").exists():
-        shutil.rmtree(out / "checkpoints")
     p = profile.load()
-    upstream = upstream_versions(context, ["token_shards", "bpe_tokenizer"])
-    tags = {
-        "dagster.run_id": context.run.run_id,
-        "dagster.asset_key": context.asset_key.to_user_string(),
-        "dagster.partition": context.partition_key if context.has_partition_key else "",
-        "scriptorium.profile": str(p.get("name")),
-        **{f"upstream.{k}": v for k, v in upstream.items()},
-    }
-    extras = {
-        "stage": "pretrain",
-        "profile": profile.name,
-        "shards_dir": str(shards),
-        "tokenizer": str(tokenizer),
-        "out_dir": str(out),
-        "resume": config.resume,
-        "steps": config.steps,
-        "device": compute.device,
-        "mlflow_uri": mlflow.uri(paths),
-        "experiment": mlflow.experiment,
-        "run_name": f"pretrain-{p.get('name')}-{context.run.run_id[:8]}",
-        "tags": tags,
-        "registered_model": REGISTERED_MODEL,
-        "data_version": version_hash(upstream, p.get("model"), p.get("pretrain"), config.steps),
-    }
-    env = {**os.environ, "SCRIPTORIUM_TRAIN_EXTRAS": json.dumps(extras)}
-    client = dg.PipesSubprocessClient()
-    return client.run(
-        command=training_command(compute, "pipeline.train_child"),
-        context=context,
-        extras=extras,
-        env=env,
-    ).get_materialize_result()
+    return launch_training(
+        context,
+        stage="pretrain",
+        out=paths.asset_dir("pretrained_weights"),
+        upstream_keys=["token_shards", "bpe_tokenizer"],
+        registered_model=REGISTERED_MODEL,
+        version_parts=[p.get("model"), p.get("pretrain"), config.steps],
+        inputs={"shards_dir": str(shards), "tokenizer": str(tokenizer)},
+        profile=profile,
+        paths=paths,
+        mlflow=mlflow,
+        compute=compute,
+        resume=config.resume,
+        steps=config.steps,
+    )

@@ -14,7 +14,6 @@
 Thin assets: each calls tested functions, writes its files atomically and returns metadata.
 """
 
-import json
 import os
 import shutil
 from collections.abc import Iterator, Sequence
@@ -28,8 +27,9 @@ import numpy as np
 import polars as pl
 
 from llm_core.config import configs_dir
-from pipeline.assets.pretrain import training_command, upstream_versions
+from pipeline.assets.pretrain import launch_training
 from pipeline.io import (
+    atomic_write_bytes,
     atomic_write_json,
     atomic_write_parquet,
     files_hash,
@@ -237,19 +237,43 @@ SOURCE_KEYS = [source_key(s) for s in SFT_SOURCES]
 
 
 # ------------------------------------------------------------------------------ eval_sets
+def keep_local_copies(files: Sequence[Path], dest: Path) -> list[Path]:
+    """Copies of Hub snapshot files under ``dest/<repo path>``, replacing what ``dest`` held.
+
+    The evaluation reads whole records (answers, minimal pairs), not only the prompts, and must
+    not depend on the shared Hub cache, which may be pruned or live on another machine.
+    """
+    if dest.exists():
+        shutil.rmtree(dest)
+    out = []
+    for f in files:
+        target = dest / _display_name(f)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(target, f.read_bytes())
+        out.append(target)
+    return sorted(out)
+
+
 @dg.asset(group_name=GROUP, code_version=CODE_VERSION, kinds={"huggingface", "polars"})
 def eval_sets(
     context: dg.AssetExecutionContext, paths: Paths, hub: HubSource
 ) -> dg.MaterializeResult:
-    """Prompts of the evaluation sets (``prompts.parquet``): what the SFT mix must not contain."""
+    """Prompts of the evaluation sets (``prompts.parquet``): what the SFT mix must not contain.
+
+    Each set's whole files are kept under ``<id>/files/`` (Hub files copied out of the shared
+    cache, by their repo path): ``evaluation_report`` scores the models on them.
+    """
     out = paths.asset_dir("eval_sets")
     parts, files_by_set = [], {}
     for entry in load_eval_sets(eval_sets_config()):
         files = fetch_files(entry, out / entry.id, hub, paths)
+        names = [_display_name(f) for f in files]
+        if entry.repo is not None:
+            files = keep_local_copies(files, out / entry.id / "files")
         parts.append(eval_prompts(entry, files))
         files_by_set[entry.id] = {
             "origin": _origin(entry, hub),
-            "files": [_display_name(f) for f in files],
+            "files": names,
             "licence": entry.licence,
         }
     prompts = pl.concat(parts)
@@ -351,6 +375,37 @@ class SFTConfig(dg.Config):
 
     resume: bool = False  # continue from the latest checkpoint of the same config
     steps: int = 0  # 0 keeps the profile's sft_train.steps
+    # Start from these llm_core weights instead of pretrained_weights: e.g. a Hugging Face
+    # Llama or GPT-2 checkpoint brought in with `scriptorium import --hf DIR --out DIR`. Its
+    # tokenizer.json (beside the weights) replaces bpe_tokenizer for this and later stages.
+    init_weights: str = ""
+
+
+def init_weights_dir(config: SFTConfig, paths: Paths) -> tuple[Path, Path]:
+    """(weights folder, tokenizer) that SFT starts from: the run's ``init_weights`` when given,
+    else ``pretrained_weights`` with ``bpe_tokenizer``."""
+    if not config.init_weights:
+        pretrained = paths.require("pretrained_weights", "model.safetensors").parent
+        return pretrained, paths.require("bpe_tokenizer", "tokenizer.json")
+    init = Path(config.init_weights).expanduser()
+    missing = [
+        n
+        for n in ("model.safetensors", "config.json", "tokenizer.json")
+        if not (init / n).is_file()
+    ]
+    if missing:
+        raise FileNotFoundError(
+            f"sft_weights init_weights={init}: missing {missing}; write the folder with "
+            "`scriptorium import --hf HF_DIR --out DIR`"
+        )
+    return init, init / "tokenizer.json"
+
+
+def chat_tokenizer(paths: Paths) -> Path:
+    """The tokenizer of the chat model: the one SFT saved beside its weights (an imported model's
+    own), else ``bpe_tokenizer``."""
+    beside = paths.root() / "sft_weights" / "tokenizer.json"
+    return beside if beside.is_file() else paths.require("bpe_tokenizer", "tokenizer.json")
 
 
 @dg.asset(
@@ -368,47 +423,31 @@ def sft_weights(
     mlflow: MlflowTracking,
     compute: Compute,
 ) -> dg.MaterializeResult:
-    """The chat model: ``pretrained_weights`` fine-tuned on ``sft_mixture`` (assistant-only loss)."""
+    """The chat model: ``pretrained_weights`` (or an imported checkpoint, see ``SFTConfig``)
+    fine-tuned on ``sft_mixture`` (assistant-only loss)."""
     mixture = paths.require("sft_mixture", "train.parquet").parent
-    pretrained = paths.require("pretrained_weights", "model.safetensors").parent
-    tokenizer = paths.require("bpe_tokenizer", "tokenizer.json")
-    out = paths.asset_dir("sft_weights")
-    if not config.resume and (out / "checkpoints").exists():
-        shutil.rmtree(out / "checkpoints")
-    p = profile.load()
-    upstream = upstream_versions(context, ["sft_mixture", "pretrained_weights", "bpe_tokenizer"])
-    extras = {
-        "stage": "sft",
-        "profile": profile.name,
-        "train_path": str(mixture / "train.parquet"),
-        "val_path": str(mixture / "val.parquet"),
-        "init_weights": str(pretrained),
-        "tokenizer": str(tokenizer),
-        "out_dir": str(out),
-        "resume": config.resume,
-        "steps": config.steps,
-        "device": compute.device,
-        "mlflow_uri": mlflow.uri(paths),
-        "experiment": mlflow.experiment,
-        "run_name": f"sft-{p.get('name')}-{context.run.run_id[:8]}",
-        "tags": {
-            "dagster.run_id": context.run.run_id,
-            "dagster.asset_key": context.asset_key.to_user_string(),
-            "scriptorium.profile": str(p.get("name")),
-            "scriptorium.stage": "sft",
-            **{f"upstream.{k}": v for k, v in upstream.items()},
+    pretrained, tokenizer = init_weights_dir(config, paths)
+    return launch_training(
+        context,
+        stage="sft",
+        out=paths.asset_dir("sft_weights"),
+        upstream_keys=["sft_mixture", "pretrained_weights", "bpe_tokenizer"],
+        registered_model=REGISTERED_MODEL,
+        version_parts=[
+            profile.load().get("sft_train"),
+            config.steps,
+            *([config.init_weights] if config.init_weights else []),
+        ],
+        inputs={
+            "train_path": str(mixture / "train.parquet"),
+            "val_path": str(mixture / "val.parquet"),
+            "init_weights": str(pretrained),
+            "tokenizer": str(tokenizer),
         },
-        "registered_model": REGISTERED_MODEL,
-        "data_version": version_hash(upstream, p.get("sft_train"), config.steps),
-    }
-    env = {**os.environ, "SCRIPTORIUM_TRAIN_EXTRAS": json.dumps(extras)}
-    return (
-        dg.PipesSubprocessClient()
-        .run(
-            command=training_command(compute, "pipeline.train_child"),
-            context=context,
-            extras=extras,
-            env=env,
-        )
-        .get_materialize_result()
+        profile=profile,
+        paths=paths,
+        mlflow=mlflow,
+        compute=compute,
+        resume=config.resume,
+        steps=config.steps,
     )

@@ -24,11 +24,13 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def model() -> Transformer:
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def model(request: pytest.FixtureRequest) -> Transformer:
+    """Each test runs on both block families (GPT-2: learned positions, plain multi-head)."""
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=V, context_length=24, n_layer=2, n_head=4, n_kv_head=2,
-                      d_model=32, ffn_hidden=64, tie_embeddings=False)  # fmt: skip
+    kv = 2 if request.param == "llama" else None
+    cfg = ModelConfig(vocab_size=V, context_length=24, n_layer=2, n_head=4, n_kv_head=kv,
+                      d_model=32, ffn_hidden=64, tie_embeddings=False, arch=request.param)  # fmt: skip
     m = Transformer(cfg).eval()
     with torch.no_grad():  # sharper logits than the 0.02 init: no near-ties for greedy to trip on
         m.lm_head.weight.mul_(10)
@@ -77,6 +79,36 @@ def test_stop_tokens_per_row(model: Transformer) -> None:
         expected = ref[: ref.index(stop)] if stop in ref else ref
         assert got == expected
     assert generate(model, PROMPTS[0], 8, temperature=0, stop_ids=stop) == [free[0][:first]]
+    kept = generate(model, PROMPTS, 8, temperature=0, stop_ids=[stop], keep_stop=True)
+    assert kept[0] == free[0][: first + 1]  # the stop token that ended the row, and no more
+    assert all(k == (o + [stop] if len(o) < 8 else o) for k, o in zip(kept, out, strict=True))
+
+
+def test_chat_replies_are_batched_greedy_replies_to_the_chat_template() -> None:
+    from llm_core.generate import chat_replies
+    from llm_core.sft import ChatSpecials, encode_prompt
+    from llm_core.tokenizer import train_bpe
+
+    tok = train_bpe(["Tell me about the sea and the old king of the river."] * 20, 300)
+    sp = ChatSpecials.from_tokenizer(tok)
+    torch.manual_seed(1)
+    cfg = ModelConfig(tok.get_vocab_size(), 32, n_layer=2, n_head=2, d_model=32, ffn_hidden=64)
+    lm = Transformer(cfg).eval()
+    prompts = [
+        [{"role": "user", "content": "Tell me about the sea."}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The king?"}],
+        [{"role": "user", "content": "the river " * 40}],  # longer than the context
+    ]
+    replies = chat_replies(lm, tok, prompts, 6, batch_size=2)
+    for p, r in zip(prompts, replies, strict=True):
+        ids = encode_prompt(tok, p)[-(32 - 6) :]  # the prompt keeps its last tokens
+        new = generate(lm, ids, 6, temperature=0, stop_ids=(sp.end, sp.eot))[0]
+        assert r == tok.decode(new, skip_special_tokens=True).strip()
+    assert chat_replies(lm, tok, prompts, 6, batch_size=16) == replies
+    sampled = chat_replies(lm, tok, prompts * 4, 6, temperature=1.0, seed=5)
+    assert sampled == chat_replies(lm, tok, prompts * 4, 6, temperature=1.0, seed=5)
+    assert len(set(sampled)) > 3
+    assert chat_replies(lm, tok, [], 6) == []
 
 
 def test_zero_new_tokens(model: Transformer) -> None:

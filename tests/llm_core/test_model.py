@@ -1,4 +1,7 @@
-"""Transformer: shapes, causality, GQA, packed documents, KV cache, fused loss, accounting."""
+"""Transformer: shapes, causality, GQA, packed documents, KV cache, fused loss, accounting.
+
+The paths every block family shares run for both ``arch="llama"`` and ``arch="gpt2"``.
+"""
 
 from __future__ import annotations
 
@@ -39,6 +42,10 @@ def make(seed: int = 0, **kw: object) -> Transformer:
     return Transformer(tiny(**kw)).eval()
 
 
+GPT2 = {"arch": "gpt2", "n_kv_head": None}
+both_archs = pytest.mark.parametrize("arch", [{}, GPT2], ids=["llama", "gpt2"])
+
+
 def autocast(enabled: bool) -> torch.autocast:
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
@@ -56,9 +63,10 @@ def test_shapes_and_dtypes() -> None:
         assert m(idx).dtype == torch.float32  # logits are float even under autocast
 
 
+@both_archs
 @pytest.mark.parametrize("bf16", [False, True])
-def test_causality(bf16: bool) -> None:
-    m = make()
+def test_causality(arch: dict[str, object], bf16: bool) -> None:
+    m = make(**arch)
     idx = torch.randint(0, V, (2, 20))
     changed = idx.clone()
     changed[:, 12:] = torch.randint(0, V, (2, 8))
@@ -93,9 +101,10 @@ def test_positions_from_doc_ids() -> None:
     assert positions_from_doc_ids(doc).tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]]
 
 
+@both_archs
 @pytest.mark.parametrize("bf16", [False, True])
-def test_packed_documents_equal_separate_runs(bf16: bool) -> None:
-    m = make()
+def test_packed_documents_equal_separate_runs(arch: dict[str, object], bf16: bool) -> None:
+    m = make(**arch)
     d1, d2 = torch.randint(0, V, (1, 5)), torch.randint(0, V, (1, 9))
     packed = torch.cat((d1, d2), dim=1)
     doc_ids = torch.tensor([[0] * 5 + [1] * 9])
@@ -154,9 +163,10 @@ def test_scaled_residual_init() -> None:
                if isinstance(mod, torch.nn.Linear))  # fmt: skip
 
 
+@both_archs
 @pytest.mark.parametrize("bf16", [False, True])
-def test_fused_loss_matches_reference(bf16: bool) -> None:
-    m = make().train()
+def test_fused_loss_matches_reference(arch: dict[str, object], bf16: bool) -> None:
+    m = make(**arch).train()
     idx = torch.randint(0, V, (3, 16))
     tgt = torch.randint(0, V, (3, 16))
     tgt[0, :4] = -100  # ignored positions
@@ -198,9 +208,10 @@ def test_fused_loss_with_vanishing_probabilities() -> None:
         torch.testing.assert_close(a, b)
 
 
-def test_grad_and_inference_paths_agree() -> None:
+@both_archs
+def test_grad_and_inference_paths_agree(arch: dict[str, object]) -> None:
     """RMSNorm/RoPE use autograd Functions only when recording; both paths give the same output."""
-    m = make()
+    m = make(**arch)
     idx = torch.randint(0, V, (2, 12))
     pos = torch.arange(12).expand(2, 12)
     with torch.inference_mode():
@@ -217,9 +228,10 @@ def test_loss_without_grad() -> None:
     torch.testing.assert_close(a, F.cross_entropy(m(idx).flatten(0, 1), idx.flatten()))
 
 
+@both_archs
 @pytest.mark.parametrize("bf16", [False, True])
-def test_kv_cache_incremental_equals_full(bf16: bool) -> None:
-    m = make()
+def test_kv_cache_incremental_equals_full(arch: dict[str, object], bf16: bool) -> None:
+    m = make(**arch)
     idx = torch.randint(0, V, (2, 14))
     with torch.inference_mode(), autocast(bf16):
         full = m(idx)
@@ -232,8 +244,9 @@ def test_kv_cache_incremental_equals_full(bf16: bool) -> None:
     torch.testing.assert_close(torch.cat(parts, dim=1), full, **tol)
 
 
-def test_kv_cache_left_padding_matches_unpadded_rows() -> None:
-    m = make()
+@both_archs
+def test_kv_cache_left_padding_matches_unpadded_rows(arch: dict[str, object]) -> None:
+    m = make(**arch)
     a, b = torch.randint(0, V, (1, 9)), torch.randint(0, V, (1, 4))
     pad = torch.zeros(1, 5, dtype=torch.long)
     batch = torch.cat((a, torch.cat((pad, b), dim=1)))
@@ -264,8 +277,9 @@ def test_kv_cache_lazy_dtype_and_limits() -> None:
         KVCache.for_model(m, batch_size=1, max_len=64)
 
 
-def test_context_overflow_is_refused() -> None:
-    m = make()
+@both_archs
+def test_context_overflow_is_refused(arch: dict[str, object]) -> None:
+    m = make(**arch)
     with pytest.raises(ValueError, match="context_length"):
         m(torch.randint(0, V, (1, 33)))
     with pytest.raises(ValueError, match="doc_ids"):
@@ -273,8 +287,9 @@ def test_context_overflow_is_refused() -> None:
           kv_cache=m.new_kv_cache(1))  # fmt: skip
 
 
-def test_bf16_autocast_close_to_fp32() -> None:
-    m = make()
+@both_archs
+def test_bf16_autocast_close_to_fp32(arch: dict[str, object]) -> None:
+    m = make(**arch)
     idx = torch.randint(0, V, (2, 24))
     ref = m(idx)
     with autocast(True):
@@ -283,9 +298,10 @@ def test_bf16_autocast_close_to_fp32() -> None:
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() > 0.9
 
 
-def test_training_step_reduces_loss() -> None:
+@both_archs
+def test_training_step_reduces_loss(arch: dict[str, object]) -> None:
     torch.manual_seed(0)
-    m = Transformer(tiny()).train()
+    m = Transformer(tiny(**arch)).train()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
     idx = torch.randint(0, V, (2, 16))
     first = None
@@ -296,3 +312,58 @@ def test_training_step_reduces_loss() -> None:
         loss.backward()
         opt.step()
     assert loss.item() < first - 1.0
+
+
+def test_gpt2_variant_parts() -> None:
+    """nanoGPT's GPT-2: learned positions, LayerNorm with bias, GELU MLP, biases, no RoPE."""
+    m = make(**GPT2)
+    cfg = m.config
+    names = set(m.state_dict())
+    assert {"pos_emb.weight", "blocks.0.attn.qkv.bias", "blocks.0.attn.proj.bias",
+            "blocks.0.mlp.c_fc.weight", "blocks.0.mlp.c_proj.bias", "blocks.0.attn_norm.bias",
+            "norm.bias"} <= names  # fmt: skip
+    assert not any("gate" in n or "rope" in n for n in names) and not hasattr(m, "rope_cos")
+    assert isinstance(m.norm, torch.nn.LayerNorm) and m.lm_head.bias is None
+    d, f = cfg.d_model, cfg.ffn_hidden
+    per_layer = 4 * d * d + 4 * d + 2 * d * f + f + d + 4 * d  # attn, mlp, two LayerNorms
+    expected = V * d + cfg.context_length * d + cfg.n_layer * per_layer + 2 * d
+    assert m.num_params() == expected
+    assert m.num_params(non_embedding=True) == expected - V * d - cfg.context_length * d
+    # Position matters (learned table), and positions past the table are refused.
+    idx = torch.randint(0, V, (1, 6))
+    assert not torch.allclose(m(idx), m(idx, positions=torch.arange(6)[None] + 3))
+    with pytest.raises(ValueError, match="positions must be < context_length"):
+        m(idx, positions=torch.arange(6)[None] + 30)
+    x = torch.randn(2, 5, d)
+    mlp = m.blocks[0].mlp
+    ref = mlp.c_proj(F.gelu(mlp.c_fc(x), approximate="tanh"))
+    torch.testing.assert_close(mlp(x), ref)
+
+
+def test_gpt2_init_is_nanogpts() -> None:
+    cfg = ModelConfig(vocab_size=256, context_length=16, n_layer=8, n_head=4, d_model=256,
+                      ffn_hidden=1024, arch="gpt2")  # fmt: skip
+    torch.manual_seed(0)
+    m = Transformer(cfg)
+    target = 0.02 / math.sqrt(2 * cfg.n_layer)
+    c_proj = torch.cat([b.mlp.c_proj.weight.flatten() for b in m.blocks])
+    assert abs(c_proj.std().item() - target) < 0.1 * target
+    assert abs(m.pos_emb.weight.std().item() - 0.02) < 0.002  # type: ignore[union-attr]
+    linears = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
+    assert all(mod.bias is None or not mod.bias.any() for mod in linears)
+    assert all(
+        bool((n.weight == 1).all()) for n in m.modules() if isinstance(n, torch.nn.LayerNorm)
+    )
+
+
+def test_arch_is_validated() -> None:
+    with pytest.raises(ValueError, match="unknown model arch 'mamba'"):
+        tiny(arch="mamba")
+    with pytest.raises(ValueError, match="multi-head attention"):
+        tiny(arch="gpt2", n_kv_head=2)
+    assert tiny(arch="gpt2", n_kv_head=4, d_model=36, n_head=4).head_dim == 9  # no RoPE parity
+    with pytest.raises(ValueError, match="even for rotary"):
+        tiny(d_model=36, n_head=4)
+    assert (
+        ModelConfig.from_dict({k: v for k, v in tiny().to_dict().items() if k != "arch"}) == tiny()
+    )

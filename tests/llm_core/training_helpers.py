@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import numpy as np
+import torch
+from tokenizers import Tokenizer
 
+from llm_core.checkpoint import save_weights
 from llm_core.config import ModelConfig, TrainConfig
 from llm_core.data import ShardWriter, write_manifest
+from llm_core.model import Transformer
+from llm_core.tokenizer import train_bpe
 
 VOCAB = 64
 SEQ = 16
@@ -83,3 +89,69 @@ def make_shards(
         },
     )
     return root
+
+
+# ------------------------------------------------------------------------------ chat / alignment
+# A small vocabulary of words, a marker word that makes a reply "preferred", and a BPE trained on
+# them: enough for reward models, DPO and RL to learn something real in seconds.
+WORDS = [
+    "the",
+    "a",
+    "sea",
+    "ship",
+    "king",
+    "queen",
+    "river",
+    "stone",
+    "bread",
+    "light",
+    "house",
+    "tree",
+    "garden",
+    "road",
+    "winter",
+    "summer",
+    "old",
+    "young",
+    "small",
+    "large",
+    "green",
+    "blue",
+    "quiet",
+    "loud",
+]
+MARKER = "banana"
+
+
+def chat_tokenizer(vocab: int = 300) -> Tokenizer:
+    """A byte-level BPE with the reserved chat tokens, trained on ``WORDS`` and prompts."""
+    text = [" ".join([*WORDS, MARKER, "Tell me about the"])] * 50
+    return train_bpe(text, vocab, min_frequency=1)
+
+
+def save_tiny_lm(out: Path, vocab: int, ctx: int = 64, seed: int = 0) -> Path:
+    """A random tiny Transformer written with ``save_weights`` (stands in for sft_weights)."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab, ctx, n_layer=2, n_head=2, n_kv_head=1, d_model=32, ffn_hidden=64)
+    save_weights(Transformer(cfg), out)
+    return out
+
+
+def marker_pairs(n: int, seed: int) -> list[dict[str, object]]:
+    """Preference pairs whose chosen reply contains ``MARKER`` and whose rejected one does not."""
+    rng = random.Random(seed)
+
+    def reply(marker: bool) -> str:
+        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 9))]
+        if marker:
+            words.insert(rng.randint(0, len(words)), MARKER)
+        return " ".join(words)
+
+    return [
+        {
+            "prompt": [{"role": "user", "content": f"Tell me about the {rng.choice(WORDS)}."}],
+            "chosen": reply(True),
+            "rejected": reply(False),
+        }
+        for _ in range(n)
+    ]

@@ -94,16 +94,27 @@ def test_stages_that_land_later_join_their_jobs() -> None:
     assert keys_of(sft_sensor.job_name, later) == {dg.AssetKey(["sft_sources", "alpaca"])}
 
     # The nightly evaluation runs once evaluation_report exists, and skips until then.
+    before = dg.Definitions(
+        assets=[gutenberg_catalog],
+        jobs=automation.JOBS,
+        schedules=automation.SCHEDULES,
+        resources=resources_from_env({}),
+    )
     with dg.instance_for_test() as instance:
         now = dg.build_schedule_context(
             instance=instance, repository_def=later.get_repository_def()
         )
         assert isinstance(automation.nightly_evaluation(now), dg.RunRequest)
+        then = dg.build_schedule_context(
+            instance=instance, repository_def=before.get_repository_def()
+        )
+        assert isinstance(automation.nightly_evaluation(then), dg.SkipReason)
         today = dg.build_schedule_context(
             instance=instance, repository_def=defs.get_repository_def()
         )
-        assert isinstance(automation.nightly_evaluation(today), dg.SkipReason)
-    assert keys_of("evaluation_job") == set()  # empty, and the code location still loads
+        assert isinstance(automation.nightly_evaluation(today), dg.RunRequest)
+    assert keys_of("evaluation_job", before) == set()  # empty, and the code location still loads
+    assert keys_of("evaluation_job") == {dg.AssetKey("evaluation_report")}  # it has landed
 
 
 def test_schedules_and_sensors_are_declared_off() -> None:

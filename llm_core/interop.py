@@ -1,0 +1,699 @@
+"""Hugging Face interop: export llm_core weights as a ``transformers`` folder, import Llama and GPT-2.
+
+Export (:func:`export_hf`) writes a folder that ``AutoModelForCausalLM.from_pretrained`` and
+``AutoTokenizer.from_pretrained`` load without ``trust_remote_code`` and that
+``huggingface_hub.upload_folder`` can publish as it is:
+
+* ``config.json``: a ``LlamaForCausalLM`` config mapped from ours (a ``GPT2LMHeadModel`` one for
+  ``arch="gpt2"``), with the chat specials as bos/eos/pad ids;
+* ``model.safetensors``: our tensors under Hugging Face's names. The fused QKV projection is
+  split into ``q_proj``/``k_proj``/``v_proj``. No RoPE permutation is needed: our rotation is
+  the "half-split" layout (dimension ``i`` pairs with ``i + D/2``), which is exactly HF Llama's
+  ``rotate_half``, and both take ``inv_freq = theta^(-2i/D)``. (Meta's original checkpoints
+  rotate interleaved pairs; HF's conversion script permutes q/k *into* this layout, so an HF Llama
+  folder imports with a plain split as well.) GPT-2's ``Conv1D`` stores weights as [in, out],
+  so those are transposed both ways;
+* ``tokenizer.json`` (our byte-level BPE, unchanged), ``tokenizer_config.json`` with the chat
+  template in Jinja (:data:`CHAT_TEMPLATE`, the exact string of
+  :func:`llm_core.tokenizer.render_chat`, tool turns handled as :func:`llm_core.sft.
+  template_messages` does), ``special_tokens_map.json``, ``generation_config.json`` (stop at
+  ``<|end|>`` or ``<|endoftext|>``) and ``README.md``, a model card whose YAML front matter is
+  Hub metadata (see :func:`render_model_card`).
+
+Import (:func:`import_hf`, :func:`load_hf_model`) reads ``config.json`` and safetensors directly
+(single file or sharded with an index), so it needs neither ``transformers`` nor any pickle:
+a folder holding only ``pytorch_model.bin`` (or another pickle) is refused with an error naming
+the file, because unpickling runs arbitrary code. Weights are converted to float32, the dtype
+llm_core trains in. ``transformers`` is only imported inside :func:`compare_with_transformers`,
+which verifies an export (a test/extra dependency, never needed to export or import).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tokenizers import AddedToken, Tokenizer
+
+from llm_core.checkpoint import _PICKLE_SUFFIXES, CONFIG_NAME, WEIGHTS_NAME, load_state_dict
+from llm_core.config import ModelConfig
+from llm_core.data import _fsync_dir
+from llm_core.sft import TOOL_CLOSE, TOOL_OPEN, ChatSpecials
+from llm_core.tokenizer import (
+    ASSISTANT,
+    END,
+    EOT,
+    PAD,
+    ROLE_TOKENS,
+    SPECIAL_TOKENS,
+    SYSTEM,
+    USER,
+    load_tokenizer,
+)
+
+if TYPE_CHECKING:
+    from llm_core.model import Transformer
+
+__all__ = [
+    "CHAT_TEMPLATE",
+    "HFImportError",
+    "add_chat_tokens",
+    "compare_with_transformers",
+    "config_from_hf",
+    "export_hf",
+    "from_hf_state_dict",
+    "hf_config",
+    "import_hf",
+    "load_hf_model",
+    "render_model_card",
+    "to_hf_state_dict",
+]
+
+HF_INDEX_NAME = "model.safetensors.index.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_NAME = "special_tokens_map.json"
+CARD_NAME = "README.md"
+
+
+def _jinja(text: str) -> str:
+    """``text`` as a Jinja string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+# The template of llm_core.tokenizer.render_chat (plus the tool-turn wrapping of
+# llm_core.sft.template_messages), in Jinja for tokenizer.apply_chat_template, built from the same
+# constants. Whitespace control ({%- -%}) keeps the template's own line breaks out of the output:
+# only the tokens and the message contents are emitted.
+_ROLES = "{" + ", ".join(f"{_jinja(r)}: {_jinja(t)}" for r, t in ROLE_TOKENS.items()) + "}"
+CHAT_TEMPLATE = (
+    f"{{%- set role_tokens = {_ROLES} -%}}\n"
+    "{%- for message in messages -%}\n"
+    "{%- set content = message['content'] if message['content'] is string else '' -%}\n"
+    "{%- if message['role'] == 'tool' -%}\n"
+    f"{{{{- {_jinja(USER + TOOL_OPEN)} + content + {_jinja(TOOL_CLOSE + END)} -}}}}\n"
+    "{%- elif message['role'] in role_tokens -%}\n"
+    f"{{{{- role_tokens[message['role']] + content + {_jinja(END)} -}}}}\n"
+    "{%- else -%}\n"
+    "{{- raise_exception('unknown chat role ' + message['role'] + "
+    f"'; expected one of {', '.join(sorted(ROLE_TOKENS))} or tool') -}}}}\n"
+    "{%- endif -%}\n"
+    "{%- endfor -%}\n"
+    f"{{%- if add_generation_prompt -%}}{{{{- {_jinja(ASSISTANT)} -}}}}{{%- endif -%}}\n"
+)
+
+
+class HFImportError(ValueError):
+    """A Hugging Face folder llm_core cannot (or will not) load: pickles, unknown architectures,
+    features our model does not have. The message names the file or the config key."""
+
+
+# ------------------------------------------------------------------------------ weight names
+# One table per architecture: (our name, HF name(s), transpose). Several HF names mean our tensor
+# is their concatenation along dim 0 (the fused QKV projection); transpose marks GPT-2's Conv1D.
+ParamMap = list[tuple[str, tuple[str, ...], bool]]
+
+
+def _param_map(cfg: ModelConfig) -> ParamMap:
+    if cfg.arch == "gpt2":
+        out: ParamMap = [
+            ("tok_emb.weight", ("transformer.wte.weight",), False),
+            ("pos_emb.weight", ("transformer.wpe.weight",), False),
+        ]
+        for i in range(cfg.n_layer):
+            ours, hf = f"blocks.{i}.", f"transformer.h.{i}."
+            for a, b, t in (
+                ("attn_norm", "ln_1", False),
+                ("attn.qkv", "attn.c_attn", True),
+                ("attn.proj", "attn.c_proj", True),
+                ("mlp_norm", "ln_2", False),
+                ("mlp.c_fc", "mlp.c_fc", True),
+                ("mlp.c_proj", "mlp.c_proj", True),
+            ):
+                out.append((f"{ours}{a}.weight", (f"{hf}{b}.weight",), t))
+                out.append((f"{ours}{a}.bias", (f"{hf}{b}.bias",), False))
+        out += [
+            ("norm.weight", ("transformer.ln_f.weight",), False),
+            ("norm.bias", ("transformer.ln_f.bias",), False),
+        ]
+    else:
+        out = [("tok_emb.weight", ("model.embed_tokens.weight",), False)]
+        for i in range(cfg.n_layer):
+            ours, hf = f"blocks.{i}.", f"model.layers.{i}."
+            qkv = tuple(f"{hf}self_attn.{p}_proj.weight" for p in "qkv")
+            out += [
+                (f"{ours}attn_norm.weight", (f"{hf}input_layernorm.weight",), False),
+                (f"{ours}attn.qkv.weight", qkv, False),
+                (f"{ours}attn.proj.weight", (f"{hf}self_attn.o_proj.weight",), False),
+                (f"{ours}mlp_norm.weight", (f"{hf}post_attention_layernorm.weight",), False),
+                (f"{ours}mlp.gate.weight", (f"{hf}mlp.gate_proj.weight",), False),
+                (f"{ours}mlp.up.weight", (f"{hf}mlp.up_proj.weight",), False),
+                (f"{ours}mlp.down.weight", (f"{hf}mlp.down_proj.weight",), False),
+            ]
+        out.append(("norm.weight", ("model.norm.weight",), False))
+    if not cfg.tie_embeddings:
+        out.append(("lm_head.weight", ("lm_head.weight",), False))
+    return out
+
+
+def _qkv_rows(cfg: ModelConfig) -> list[int]:
+    return [cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim]
+
+
+def to_hf_state_dict(
+    cfg: ModelConfig, state: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Our state dict under Hugging Face names: contiguous float tensors, none sharing storage
+    (safetensors refuses aliases; a tied LM head is simply not written, as HF itself does)."""
+    out: dict[str, torch.Tensor] = {}
+    for ours, hf_names, transpose in _param_map(cfg):
+        t = state[ours].detach().cpu()
+        t = t.t() if transpose else t
+        parts = t.split(_qkv_rows(cfg), dim=0) if len(hf_names) > 1 else (t,)
+        for name, part in zip(hf_names, parts, strict=True):
+            out[name] = part.contiguous().clone()
+    return out
+
+
+def _strip_gpt2_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """OpenAI's own ``gpt2`` repository names tensors without ``transformer.``; add it back."""
+    return {
+        (k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}"): v
+        for k, v in state.items()
+    }
+
+
+def from_hf_state_dict(
+    cfg: ModelConfig, hf_state: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Hugging Face tensors -> our state dict (float32), refusing missing or unexpected weights.
+
+    Non-parameter buffers some checkpoints carry (GPT-2's causal ``attn.bias`` masks, Llama's
+    ``rotary_emb.inv_freq``) are ignored, and so is a stored ``lm_head.weight`` when the
+    embeddings are tied (it is the embedding again).
+    """
+    state = _strip_gpt2_prefix(hf_state) if cfg.arch == "gpt2" else dict(hf_state)
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for ours, hf_names, transpose in _param_map(cfg):
+        missing = [n for n in hf_names if n not in state]
+        if missing:
+            raise HFImportError(f"checkpoint lacks weights {missing} (for our {ours!r})")
+        parts = [state[n].to(torch.float32) for n in hf_names]
+        t = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+        out[ours] = (t.t() if transpose else t).contiguous()
+        used.update(hf_names)
+    if cfg.tie_embeddings:
+        out["lm_head.weight"] = out["tok_emb.weight"]
+        used.add("lm_head.weight")
+    buffers = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+    unexpected = sorted(k for k in state if k not in used and not k.endswith(buffers))
+    if unexpected:
+        raise HFImportError(f"checkpoint has weights llm_core does not map: {unexpected[:8]}")
+    return out
+
+
+# ------------------------------------------------------------------------------ configs
+def hf_config(cfg: ModelConfig, specials: ChatSpecials) -> dict[str, Any]:
+    """``config.json`` for ``LlamaForCausalLM`` (or ``GPT2LMHeadModel`` for ``arch="gpt2"``).
+
+    ``<|endoftext|>`` is the bos id, ``<|end|>`` and ``<|endoftext|>`` the eos ids (a chat reply
+    ends with the first, a plain text with the second). ``rope_theta`` is written both flat
+    (transformers 4.x, vLLM, llama.cpp read it there) and in ``rope_parameters``
+    (transformers 5); both ``dtype`` spellings are written for the same reason.
+    """
+    common = {
+        "vocab_size": cfg.vocab_size,
+        "bos_token_id": specials.eot,
+        "eos_token_id": [specials.end, specials.eot],
+        "pad_token_id": specials.pad,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "dtype": "float32",
+        "torch_dtype": "float32",
+    }
+    if cfg.arch == "gpt2":
+        return {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "n_embd": cfg.d_model,
+            "n_layer": cfg.n_layer,
+            "n_head": cfg.n_head,
+            "n_inner": cfg.ffn_hidden,
+            "n_positions": cfg.context_length,
+            "n_ctx": cfg.context_length,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": cfg.norm_eps,
+            "scale_attn_weights": True,
+            "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False,
+            "attn_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "resid_pdrop": 0.0,
+            **common,
+        }
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.ffn_hidden,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.context_length,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "pretraining_tp": 1,
+        **common,
+    }
+
+
+def _require(hf: Mapping[str, Any], key: str, where: str) -> Any:
+    if hf.get(key) is None:
+        raise HFImportError(f"{where}: missing {key!r}")
+    return hf[key]
+
+
+def config_from_hf(hf: Mapping[str, Any], *, where: str = CONFIG_NAME) -> ModelConfig:
+    """Our :class:`ModelConfig` from a Hugging Face ``config.json`` (Llama or GPT-2 family).
+
+    Anything our model would compute differently is refused rather than silently dropped:
+    RoPE scaling, biases in a Llama, an activation other than SiLU (Llama) or tanh-GELU (GPT-2),
+    GPT-2's per-layer attention scaling, a head size that is not hidden/heads.
+    """
+    model_type = hf.get("model_type")
+    if model_type == "gpt2":
+        act = hf.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise HFImportError(
+                f"{where}: activation_function={act!r}; llm_core's GPT-2 is tanh-GELU"
+            )
+        if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights") is False:
+            raise HFImportError(f"{where}: non-standard GPT-2 attention scaling is not supported")
+        if hf.get("add_cross_attention"):
+            raise HFImportError(f"{where}: cross-attention is not supported")
+        d_model = int(_require(hf, "n_embd", where))
+        return ModelConfig(
+            vocab_size=int(_require(hf, "vocab_size", where)),
+            context_length=int(_require(hf, "n_positions", where)),
+            n_layer=int(_require(hf, "n_layer", where)),
+            n_head=int(_require(hf, "n_head", where)),
+            d_model=d_model,
+            ffn_hidden=int(hf.get("n_inner") or 4 * d_model),
+            norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+            arch="gpt2",
+        )
+    if model_type != "llama":
+        raise HFImportError(
+            f"{where}: model_type={model_type!r}; llm_core imports 'llama' and 'gpt2' checkpoints"
+        )
+    if hf.get("hidden_act", "silu") != "silu":
+        raise HFImportError(f"{where}: hidden_act={hf.get('hidden_act')!r}; Llama blocks use silu")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise HFImportError(f"{where}: attention_bias/mlp_bias are not supported (no biases)")
+    rope = dict(hf.get("rope_parameters") or {})
+    scaling = hf.get("rope_scaling")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if scaling or rope_type != "default":
+        raise HFImportError(f"{where}: RoPE scaling ({scaling or rope_type!r}) is not supported")
+    d_model = int(_require(hf, "hidden_size", where))
+    n_head = int(_require(hf, "num_attention_heads", where))
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and int(head_dim) != d_model // n_head:
+        raise HFImportError(f"{where}: head_dim={head_dim} != hidden_size/num_attention_heads")
+    return ModelConfig(
+        vocab_size=int(_require(hf, "vocab_size", where)),
+        context_length=int(_require(hf, "max_position_embeddings", where)),
+        n_layer=int(_require(hf, "num_hidden_layers", where)),
+        n_head=n_head,
+        n_kv_head=int(hf.get("num_key_value_heads") or n_head),
+        d_model=d_model,
+        ffn_hidden=int(_require(hf, "intermediate_size", where)),
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+
+
+# ------------------------------------------------------------------------------ import
+def _hf_weight_files(hf_dir: Path) -> list[Path]:
+    """The safetensors files of a folder (one, or the shards named by the index); pickles refused."""
+    if not hf_dir.is_dir():
+        raise FileNotFoundError(f"{hf_dir}: not a directory")
+    index = hf_dir / HF_INDEX_NAME
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [hf_dir / s for s in shards]
+        absent = [str(f) for f in files if not f.is_file()]
+        if absent:
+            raise FileNotFoundError(f"{index}: shards missing: {absent}")
+        return files
+    single = hf_dir / WEIGHTS_NAME
+    if single.is_file():
+        return [single]
+    pickles = sorted(p.name for p in hf_dir.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES)
+    if pickles:
+        raise HFImportError(
+            f"{hf_dir / pickles[0]}: refusing to load pickled weights (unpickling can run "
+            "arbitrary code); convert the checkpoint to safetensors first"
+        )
+    raise FileNotFoundError(f"{hf_dir}: no {WEIGHTS_NAME} or {HF_INDEX_NAME}")
+
+
+def import_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read a Hugging Face Llama or GPT-2 folder into ``(ModelConfig, state_dict)`` (float32).
+
+    Only ``config.json`` and safetensors are read; see :func:`config_from_hf` for what is refused.
+    """
+    root = Path(hf_dir)
+    files = _hf_weight_files(root)
+    cfg_path = root / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path}: missing model config")
+    cfg = config_from_hf(json.loads(cfg_path.read_text()), where=str(cfg_path))
+    hf_state: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                hf_state[key] = fh.get_tensor(key)
+    return cfg, from_hf_state_dict(cfg, hf_state)
+
+
+def load_hf_model(hf_dir: str | Path, device: str | torch.device = "cpu") -> Transformer:
+    """A :class:`~llm_core.model.Transformer` from a Hugging Face folder (see :func:`import_hf`).
+
+    Save it with :func:`llm_core.checkpoint.save_weights` to start SFT or alignment from it.
+    """
+    from llm_core.model import Transformer
+
+    cfg, state = import_hf(hf_dir)
+    model = Transformer(cfg)
+    model.load_state_dict(state, strict=True)
+    return model.to(device)
+
+
+def add_chat_tokens(tokenizer: Tokenizer, model: Transformer) -> tuple[Tokenizer, Transformer]:
+    """Give an imported model the reserved tokens llm_core's chat template and SFT need.
+
+    A GPT-2 (or other) tokenizer lacks ``<|pad|>``, ``<|system|>`` … ``<|end|>``; without them
+    ``run_sft`` and ``scriptorium chat`` refuse the tokenizer. The missing ones are appended as
+    special added tokens (ids after the tokenizer's vocabulary), and the embedding (and an untied
+    LM head) grows to fit. Each new row is the mean of the existing rows, the usual choice: the
+    new tokens start as an "average" token instead of noise, and every logit the model gave the
+    old vocabulary is unchanged. Returns new objects; the inputs are left as they were.
+    """
+    from llm_core.model import Transformer
+
+    missing = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
+    if not missing:
+        return tokenizer, model
+    old_size = tokenizer.get_vocab_size()
+    tok = Tokenizer.from_str(tokenizer.to_str())
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+    new_ids = [int(tok.token_to_id(t)) for t in missing]
+    cfg = model.config
+    grown = Transformer(dataclasses.replace(cfg, vocab_size=max(cfg.vocab_size, max(new_ids) + 1)))
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    names = ["tok_emb.weight"] + ([] if cfg.tie_embeddings else ["lm_head.weight"])
+    for name in names:
+        old = state[name]
+        new = old.new_empty((grown.config.vocab_size, old.shape[1]))
+        new[: old.shape[0]] = old
+        new[new_ids] = old[: min(old_size, old.shape[0])].mean(dim=0)
+        state[name] = new
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["tok_emb.weight"]
+    grown.load_state_dict(state, strict=True)
+    return tok, grown.to(model.tok_emb.weight.device)
+
+
+# ------------------------------------------------------------------------------ export
+def _tokenizer_files(tok: Tokenizer, cfg: ModelConfig) -> dict[str, Any]:
+    """``tokenizer_config.json`` and ``special_tokens_map.json`` contents for ``tok``.
+
+    ``tokenizer_class`` is the generic fast tokenizer, so transformers loads ``tokenizer.json`` as
+    it is (a model-specific class could rebuild the pre-tokenizer its own way). ``eos_token`` is
+    ``<|end|>``, the end of a chat turn, as chat models on the Hub declare theirs.
+    """
+    specials = {"bos_token": EOT, "eos_token": END, "pad_token": PAD}
+    extra = [SYSTEM, USER, ASSISTANT, END]
+    flags = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+    added = {
+        str(tok.token_to_id(t)): {"content": t, **flags, "special": True} for t in SPECIAL_TOKENS
+    }
+    config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": cfg.context_length,
+        "clean_up_tokenization_spaces": False,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "added_tokens_decoder": added,
+        "additional_special_tokens": extra,
+        "chat_template": CHAT_TEMPLATE,
+        **specials,
+    }
+    return {
+        TOKENIZER_CONFIG_NAME: config,
+        SPECIAL_TOKENS_MAP_NAME: {**specials, "additional_special_tokens": extra},
+    }
+
+
+def export_hf(
+    weights_dir: str | Path,
+    tokenizer_path: str | Path,
+    out_dir: str | Path,
+    *,
+    card: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``weights_dir`` (as :func:`~llm_core.checkpoint.save_weights` left it) and its
+    tokenizer as a Hugging Face model folder at ``out_dir``; returns ``out_dir``.
+
+    The folder is built under a temporary name beside ``out_dir`` and swapped into place, so a
+    reader (or ``upload_folder``) never sees half of one. ``card`` feeds the model card
+    (:func:`render_model_card`).
+    """
+    weights_dir, out = Path(weights_dir), Path(out_dir)
+    tok_file = Path(tokenizer_path)
+    tok_file = tok_file / "tokenizer.json" if tok_file.is_dir() else tok_file
+    cfg_path = weights_dir / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path}: missing model config beside the weights")
+    cfg = ModelConfig.load(cfg_path)
+    state = load_state_dict(weights_dir)
+    tok = load_tokenizer(tok_file)  # refuses a tokenizer without the reserved chat tokens
+    specials = ChatSpecials.from_tokenizer(tok)
+    if tok.get_vocab_size() > cfg.vocab_size:
+        raise ValueError(
+            f"tokenizer {tok_file} has {tok.get_vocab_size()} tokens, more than the "
+            f"model's vocab_size={cfg.vocab_size}"
+        )
+    n_params = sum(
+        t.numel() for k, t in state.items() if k != "lm_head.weight" or not cfg.tie_embeddings
+    )
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    try:
+        save_file(to_hf_state_dict(cfg, state), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        files: dict[str, Any] = {
+            CONFIG_NAME: hf_config(cfg, specials),
+            GENERATION_CONFIG_NAME: {
+                "bos_token_id": specials.eot,
+                "eos_token_id": [specials.end, specials.eot],
+                "pad_token_id": specials.pad,
+                "do_sample": False,
+            },
+            **_tokenizer_files(tok, cfg),
+        }
+        for name, obj in files.items():
+            (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+        shutil.copyfile(tok_file, tmp / "tokenizer.json")
+        (tmp / CARD_NAME).write_text(render_model_card(card or {}, cfg, n_params))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(f, 0o644)  # a folder to share, whatever the writer's umask or mkstemp did
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        if out.exists():
+            trash = out.parent / f".old-{out.name}-{os.getpid()}"
+            os.replace(out, trash)
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        _fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ------------------------------------------------------------------------------ model card
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def render_model_card(
+    card: Mapping[str, Any], cfg: ModelConfig, n_params: int | None = None
+) -> str:
+    """``README.md`` for the Hub: YAML front matter (metadata) and a body for readers.
+
+    ``card`` keys (all optional): ``model_name``; ``license`` (a Hub licence id; ``other`` needs
+    ``license_name`` and may have ``license_link``); ``language`` (list); ``tags``;
+    ``base_model`` (a Hub model id this one was fine-tuned from; omitted for a from-scratch
+    model); ``datasets``: list of ``{name, id, licence, role, url}`` (``id`` is a Hub dataset
+    id and goes into the front matter, the rest into the body's table); ``stages``: list of
+    ``{name, description}``; ``eval``: ``{figure: value}`` headline numbers; ``notes``: text.
+    """
+    name = card.get("model_name") or "scriptorium-model"
+    datasets = list(card.get("datasets") or [])
+    meta: dict[str, Any] = {
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "license": card.get("license") or "other",
+    }
+    for key in ("license_name", "license_link"):
+        if card.get(key):
+            meta[key] = card[key]
+    if meta["license"] == "other" and "license_name" not in meta:
+        meta["license_name"] = "mixed-data-licences"
+    meta["language"] = list(card.get("language") or ["en"])
+    arch_tag = "gpt2" if cfg.arch == "gpt2" else "llama"
+    meta["tags"] = list(dict.fromkeys(["scriptorium", "from-scratch", arch_tag, "text-generation",
+                                       *(card.get("tags") or [])]))  # fmt: skip
+    hub_ids = [d["id"] for d in datasets if d.get("id")]
+    if hub_ids:
+        meta["datasets"] = list(dict.fromkeys(hub_ids))
+    if card.get("base_model"):
+        meta["base_model"] = card["base_model"]
+    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
+
+    hf_arch = "GPT2LMHeadModel" if cfg.arch == "gpt2" else "LlamaForCausalLM"
+    size = f"{n_params / 1e6:.2f}M-parameter " if n_params else ""
+    lines = [
+        f"---\n{front}---",
+        "",
+        f"# {name}",
+        "",
+        f"A {size}decoder-only language model built with "
+        "[Scriptorium](https://github.com/scriptorium-llm/scriptorium), an open-source "
+        '"LLM from scratch" factory, exported as a `transformers` '
+        f"`{hf_arch}` (no `trust_remote_code`).",
+        "",
+        "## Model",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| architecture | {cfg.arch} ({hf_arch}) |",
+        f"| layers / heads / kv heads | {cfg.n_layer} / {cfg.n_head} / {cfg.kv_heads} |",
+        f"| d_model / ffn_hidden | {cfg.d_model} / {cfg.ffn_hidden} |",
+        f"| context length | {cfg.context_length} |",
+        f"| vocabulary | {cfg.vocab_size} (byte-level BPE) |",
+        f"| tied embeddings | {cfg.tie_embeddings} |",
+    ]
+    if cfg.arch == "llama":
+        lines.append(f"| RoPE theta / RMSNorm eps | {cfg.rope_theta:g} / {cfg.norm_eps:g} |")
+    lines += [
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'tok = AutoTokenizer.from_pretrained("PATH")',
+        'model = AutoModelForCausalLM.from_pretrained("PATH")',
+        'messages = [{"role": "user", "content": "What is the capital of France?"}]',
+        'ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")',
+        "out = model.generate(ids, max_new_tokens=64)",
+        "print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))",
+        "```",
+        "",
+        "The chat template renders `<|system|>…<|end|><|user|>…<|end|><|assistant|>`; generation "
+        "stops at `<|end|>` or `<|endoftext|>` (see `generation_config.json`).",
+    ]
+    stages = list(card.get("stages") or [])
+    if stages:
+        lines += ["", "## Training stages", ""]
+        for s in stages:
+            desc = f": {s['description']}" if s.get("description") else ""
+            lines.append(f"1. **{s['name']}**{desc}")
+    if datasets:
+        lines += ["", "## Training data and licences", "", "| data | role | licence | source |",
+                  "|---|---|---|---|"]  # fmt: skip
+        for d in datasets:
+            src = d.get("id") or d.get("url") or ""
+            lines.append(f"| {_cell(d.get('name', src))} | {_cell(d.get('role', ''))} | "
+                         f"{_cell(d.get('licence', 'unknown'))} | {_cell(src)} |")  # fmt: skip
+        if any("NC" in str(d.get("licence", "")).upper().split("-") for d in datasets):
+            lines += ["", "Some training data are licensed for **non-commercial use only** "
+                      "(NC licences above): check them before any other use."]  # fmt: skip
+    lines += ["", "## Evaluation", ""]
+    figures = dict(card.get("eval") or {})
+    if figures:
+        lines += ["| figure | value |", "|---|---|"]
+        lines += [f"| {_cell(k)} | {_fmt(v)} |" for k, v in figures.items()]
+    else:
+        lines.append("No evaluation report was available when this folder was exported.")
+    if card.get("notes"):
+        lines += ["", str(card["notes"])]
+    lines += [
+        "",
+        "## Limitations",
+        "",
+        "A small research model trained on a small budget: it makes factual errors, may produce "
+        "biased or offensive text learned from old books and web-sourced instructions, and is not "
+        "suitable for any decision that matters.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ verification
+@torch.no_grad()
+def compare_with_transformers(
+    hf_dir: str | Path, model: Transformer, ids: Sequence[int]
+) -> dict[str, Any]:
+    """Logits of ``transformers``' load of ``hf_dir`` vs ``model``'s on ``ids``.
+
+    Imports ``transformers`` (an optional dependency: ``ImportError`` when absent). Returns the
+    max absolute logit difference, whether both pick the same greedy next token at every
+    position, and the class and version that loaded the folder.
+    """
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    x = torch.tensor([list(ids)], dtype=torch.long)
+    theirs = hf(input_ids=x).logits.float()
+    ours = model.eval()(x).float()
+    return {
+        "max_abs_diff": float((theirs - ours).abs().max()),
+        "same_argmax": bool((theirs.argmax(-1) == ours.argmax(-1)).all()),
+        "tokens": len(ids),
+        "hf_class": type(hf).__name__,
+        "transformers_version": transformers.__version__,
+    }

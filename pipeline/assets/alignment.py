@@ -1,0 +1,141 @@
+"""Alignment: ``preference_pairs`` + ``sft_weights`` -> ``reward_model`` -> ``rlhf_weights``.
+
+Both assets train in a Pipes subprocess (``pipeline.train_child``) in the ``train`` pool, like
+``sft_weights``, through the shared :func:`pipeline.assets.pretrain.launch_training`:
+
+* ``reward_model``: the SFT model's transformer plus a scalar head, Bradley–Terry on the pairs
+  (stage ``reward``, profile section ``reward_train``); metadata: held-out pairwise accuracy,
+  reward margin and calibration (ECE). Registered as ``scriptorium-reward``.
+* ``rlhf_weights``: the SFT model aligned by ``dpo`` (default), ``grpo`` (online RL against the
+  reward model) or ``best_of_n`` (rejection sampling + SFT), picked by :class:`RLHFConfig` or
+  the profile's ``rlhf.method``; each method is its own MLflow run (stage = method). Metadata
+  names the method, links the run, and gives the reward model's win rate of the aligned model
+  over the SFT model on held-out prompts. Registered as ``scriptorium-rlhf``.
+"""
+
+import dagster as dg
+
+from pipeline.assets.pretrain import launch_training
+from pipeline.assets.sft import chat_tokenizer
+from pipeline.resources import Compute, MlflowTracking, Paths, Profile, profile_code_version
+
+GROUP = "training"  # the train_job runs every training stage, one at a time (pool)
+CODE_VERSION = "1"
+REWARD_MODEL = "scriptorium-reward"
+RLHF_MODEL = "scriptorium-rlhf"
+METHODS = ("dpo", "grpo", "best_of_n")
+
+
+class RewardConfig(dg.Config):
+    """Run-time knobs; the schedule, pooling and LM mixing come from ``reward_train``."""
+
+    resume: bool = False  # continue from the latest checkpoint of the same config
+    steps: int = 0  # 0 keeps the profile's reward_train.steps
+
+
+class RLHFConfig(dg.Config):
+    """Run-time knobs; everything else comes from the profile's ``rlhf`` section."""
+
+    method: str = ""  # dpo | grpo | best_of_n; empty keeps the profile's rlhf.method (dpo)
+    resume: bool = False
+    steps: int = 0  # 0 keeps the profile's steps for the method
+
+
+def _pairs(paths: Paths) -> dict[str, str]:
+    pairs = paths.require("preference_pairs", "train.parquet").parent
+    return {"train_path": str(pairs / "train.parquet"), "val_path": str(pairs / "val.parquet")}
+
+
+@dg.asset(
+    group_name=GROUP,
+    code_version=profile_code_version(CODE_VERSION, "reward_train", "seed"),
+    deps=[
+        dg.AssetKey("preference_pairs"),
+        dg.AssetKey("sft_weights"),
+        dg.AssetKey("bpe_tokenizer"),
+    ],
+    pool="train",
+    kinds={"pytorch", "mlflow"},
+)
+def reward_model(
+    context: dg.AssetExecutionContext,
+    config: RewardConfig,
+    paths: Paths,
+    profile: Profile,
+    mlflow: MlflowTracking,
+    compute: Compute,
+) -> dg.MaterializeResult:
+    """A reward model (SFT backbone + scalar head) trained on the preference pairs."""
+    return launch_training(
+        context,
+        stage="reward",
+        out=paths.asset_dir("reward_model"),
+        upstream_keys=["preference_pairs", "sft_weights", "bpe_tokenizer"],
+        registered_model=REWARD_MODEL,
+        version_parts=[profile.load().get("reward_train"), config.steps],
+        inputs={
+            **_pairs(paths),
+            "init_weights": str(paths.require("sft_weights", "model.safetensors").parent),
+            "tokenizer": str(chat_tokenizer(paths)),
+        },
+        profile=profile,
+        paths=paths,
+        mlflow=mlflow,
+        compute=compute,
+        resume=config.resume,
+        steps=config.steps,
+    )
+
+
+def rlhf_method(config: RLHFConfig, profile: Profile) -> str:
+    """The run's method: the config's, else the profile's ``rlhf.method``, else ``dpo``."""
+    method = config.method or str(profile.section("rlhf").get("method") or "dpo")
+    if method not in METHODS:
+        raise ValueError(f"rlhf method {method!r} is not one of {list(METHODS)}")
+    return method
+
+
+@dg.asset(
+    group_name=GROUP,
+    code_version=profile_code_version(CODE_VERSION, "rlhf", "seed"),
+    deps=[
+        dg.AssetKey("preference_pairs"),
+        dg.AssetKey("sft_weights"),
+        reward_model,
+        dg.AssetKey("bpe_tokenizer"),
+    ],
+    pool="train",
+    kinds={"pytorch", "mlflow"},
+)
+def rlhf_weights(
+    context: dg.AssetExecutionContext,
+    config: RLHFConfig,
+    paths: Paths,
+    profile: Profile,
+    mlflow: MlflowTracking,
+    compute: Compute,
+) -> dg.MaterializeResult:
+    """The aligned chat model: ``sft_weights`` after DPO, GRPO or best-of-n."""
+    method = rlhf_method(config, profile)
+    context.log.info(f"aligning sft_weights with {method}")
+    return launch_training(
+        context,
+        stage=method,
+        out=paths.asset_dir("rlhf_weights"),
+        upstream_keys=["preference_pairs", "sft_weights", "reward_model", "bpe_tokenizer"],
+        registered_model=RLHF_MODEL,
+        version_parts=[method, profile.load().get("rlhf"), config.steps],
+        inputs={
+            **_pairs(paths),
+            "init_weights": str(paths.require("sft_weights", "model.safetensors").parent),
+            "reward_model": str(paths.require("reward_model", "model.safetensors").parent),
+            "tokenizer": str(chat_tokenizer(paths)),
+            "method": method,
+        },
+        profile=profile,
+        paths=paths,
+        mlflow=mlflow,
+        compute=compute,
+        resume=config.resume,
+        steps=config.steps,
+    )
