@@ -110,8 +110,10 @@ def test_hf_export_loads_in_transformers(tiny) -> None:
     out = data / "hf_export"
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
-    ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
-    assert len(ids) > 2 and model.config.vocab_size == len(tok)
+    enc = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    ids = enc["input_ids"]  # transformers 5 returns a BatchEncoding
+    assert len(ids) > 2 and ids[-1] == tok.convert_tokens_to_ids("<|assistant|>")
+    assert model.config.vocab_size == len(tok)
     card = (out / "README.md").read_text()
     assert card.startswith("---") and "Project Gutenberg" in card
     meta = _latest_metadata(home, dg.AssetKey("hf_export"))
