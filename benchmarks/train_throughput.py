@@ -25,9 +25,17 @@ ratio of process CPU seconds per step, which barely moves when other processes s
 MFU = achieved FLOP/s / peak. Achieved FLOPs per token = ``Transformer.flops_per_token`` (6*N plus
 the 12*L*d*T attention term; the same model shape, so the same figure for HF). The default peak
 is an estimate for the cores in use: threads x 3.0 GHz x 32 FP32 FLOP/cycle (two 256-bit FMA pipes,
-e.g. Zen 4 / Skylake-class AVX-512 parts running 256-bit datapaths), and twice that for bf16
-(AVX512-BF16 dot products do two multiply-adds per float32 lane). Pass ``--peak-flops`` (and
+e.g. Zen 4 / Skylake-class AVX-512 parts running 256-bit datapaths), and twice that for bf16 where
+the CPU has AVX512-BF16 or AMX (two multiply-adds per float32 lane). Pass ``--peak-flops`` (and
 ``--peak-flops-bf16``) for your machine.
+
+bf16 on CPUs without native bf16 GEMMs (AVX2-only parts: no AVX-512): PyTorch's bf16 GEMMs fall
+back to generic loops there, ~7x slower than float32 per GEMM, and a bf16 autocast training step
+of *either* model becomes ~20x slower than its float32 step. Our model then runs every matmul as a
+float32 GEMM of bf16-rounded operands (``llm_core.model.cpu_bf16_kernels`` says which path this
+CPU takes; the JSON records it as ``cpu_bf16_kernels``); Hugging Face's model takes PyTorch's
+path. On such a CPU the bf16 ratio measures that kernel choice, not the model code: compare the
+fp32 ratio for the latter.
 
 OpenMP threads: unless ``OMP_WAIT_POLICY`` is already set, this script sets it to PASSIVE before
 torch loads OpenMP. With the default (spinning) policy, on a machine whose cores are shared with
@@ -61,7 +69,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llm_core.config import ModelConfig  # noqa: E402
 from llm_core.generate import generate  # noqa: E402
-from llm_core.model import Transformer  # noqa: E402
+from llm_core.model import Transformer, cpu_bf16_kernels  # noqa: E402
+from llm_core.trainer import cpu_has_bf16_dot_products  # noqa: E402
 
 GHZ, FP32_FLOP_PER_CYCLE = 3.0, 32
 
@@ -214,7 +223,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--peak-flops", type=float, default=None,
                    help="fp32 peak FLOP/s for MFU (default: threads x 3 GHz x 32)")  # fmt: skip
     p.add_argument("--peak-flops-bf16", type=float, default=None,
-                   help="bf16 peak FLOP/s for MFU (default: 2x the fp32 peak)")  # fmt: skip
+                   help="bf16 peak FLOP/s for MFU (default: 2x the fp32 peak with "
+                        "AVX512-BF16/AMX, else the fp32 peak)")  # fmt: skip
     p.add_argument("--gen-tokens", type=int, default=256)
     p.add_argument("--gen-rounds", type=int, default=3)
     p.add_argument("--skip-hf", action="store_true", help="only our model (no transformers)")
@@ -222,7 +232,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.peak_flops = args.peak_flops or default_peak_flops(args.threads)
-    args.peak_flops_bf16 = args.peak_flops_bf16 or 2 * args.peak_flops
+    args.peak_flops_bf16 = args.peak_flops_bf16 or (
+        2 * args.peak_flops if cpu_has_bf16_dot_products() else args.peak_flops
+    )
     if not args.skip_hf:
         try:
             import transformers
@@ -250,6 +262,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": args.threads,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_bf16_kernels": cpu_bf16_kernels(),
         "loadavg_start": round(os.getloadavg()[0], 2),
         "timed_rounds": args.steps,
         "peak_flops_fp32": args.peak_flops,

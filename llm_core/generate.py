@@ -18,6 +18,10 @@ prompt longer than ``context_length`` is refused with a ValueError. Generation *
 continues with a sliding window over the last ``context_length`` tokens (as nanoGPT does); the KV
 cache cannot slide (every cached key was rotated for its old position) so those steps recompute
 the window, exactly as ``use_cache=False`` does, and both settings give the same tokens.
+
+A call decodes with the weights as they were when it started: it snapshots them once in the
+layout the CPU's matrix-vector kernels stream fastest (:class:`llm_core.model.InferenceWeights`),
+whether or not the cache is used.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 from tokenizers import Tokenizer
 from torch import Tensor
 
-from llm_core.model import KVCache, Transformer
+from llm_core.model import InferenceWeights, KVCache, Transformer
 
 __all__ = ["chat_prompt_ids", "chat_replies", "generate", "sample_next", "stream"]
 
@@ -218,14 +222,16 @@ def _decode(
     cache: KVCache | None = None
     if use_cache:
         cache = model.new_kv_cache(b, max_len=min(ctx, width + max_new_tokens), start=start)
+    weights = InferenceWeights(model)  # the weights as they are now, laid out for decoding
     cur = width  # columns filled so far
     for _ in range(max_new_tokens):
-        if cache is not None and cur <= cache.max_len:
-            # Prefill (first step) or one cached decode step; only the last position's logits.
-            h = model.hidden_states(seq[:, cache.pos : cur], kv_cache=cache)[:, -1]
-        else:
-            h = _window_hidden(model, seq[:, :cur], start)
-        logits = model.lm_head(h).float()
+        with weights.installed():  # around the forward only: never across a yield
+            if cache is not None and cur <= cache.max_len:
+                # Prefill (first step) or one cached decode step; only the last position's logits.
+                h = model.hidden_states(seq[:, cache.pos : cur], kv_cache=cache)[:, -1]
+            else:
+                h = _window_hidden(model, seq[:, :cur], start)
+            logits = model.lm_head(h).float()
         if seen is not None:
             logits = _penalize(logits, seen, repetition_penalty)
         nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)

@@ -39,6 +39,7 @@ from llm_core.checkpoint import (
     unwrap_model,
 )
 from llm_core.config import TrainConfig
+from llm_core.model import cpu_bf16_kernels
 from llm_core.objectives import Objective
 
 log = logging.getLogger(__name__)
@@ -182,7 +183,13 @@ def default_peak_flops(device: torch.device, dtype: str = "float32") -> float:
         name = torch.cuda.get_device_name(device)
         return next((v for k, v in _GPU_PEAK_BF16.items() if k in name), 100e12)
     fp32 = torch.get_num_threads() * 3.0e9 * 32
-    return fp32 * 2 if dtype == "bfloat16" else fp32
+    return fp32 * 2 if dtype == "bfloat16" and cpu_has_bf16_dot_products() else fp32
+
+
+def cpu_has_bf16_dot_products() -> bool:
+    """AVX512-BF16 or AMX: the CPU's bf16 peak is twice its float32 peak. Elsewhere bf16 GEMMs
+    run at best at the float32 rate (emulated: :func:`llm_core.model.cpu_bf16_kernels`)."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 @dataclass
@@ -276,6 +283,9 @@ class Trainer:
             train_model = self.ddp
         self.train_model = torch.compile(train_model) if cfg.compile else train_model
         self.autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
+        if self.autocast_dtype is not None and self.device.type == "cpu":
+            log.info("bf16 autocast on this CPU: %s GEMMs (see llm_core.model.cpu_bf16_kernels)",
+                     cpu_bf16_kernels())  # fmt: skip
         self.peak_flops = cfg.peak_flops or default_peak_flops(self.device, cfg.dtype)
         self.step = 0
         self.tokens_seen = 0

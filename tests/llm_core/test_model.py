@@ -367,3 +367,89 @@ def test_arch_is_validated() -> None:
     assert (
         ModelConfig.from_dict({k: v for k, v in tiny().to_dict().items() if k != "arch"}) == tiny()
     )
+
+
+# ---------------------------------------------------------------- CPU kernel choices
+
+
+@both_archs
+def test_emulated_bf16_matches_native_bf16(
+    arch: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Float32 GEMMs on bf16-rounded operands (CPUs without native bf16) give what native bf16
+    autocast gives, to bf16 precision: the loss, every gradient and the logits."""
+    import llm_core.model as model_mod
+
+    m = make(**arch).train()
+    idx = torch.randint(0, V, (3, 16))
+    tgt = torch.randint(0, V, (3, 16))
+
+    def run(kernels: str) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        monkeypatch.setattr(model_mod, "cpu_bf16_kernels", lambda: kernels)
+        m.zero_grad(set_to_none=True)
+        with autocast(True):
+            loss = m.loss(idx, tgt)
+            logits = m(idx)
+        loss.backward()
+        assert logits.dtype == torch.float32
+        return loss.detach(), logits.detach(), [p.grad.clone() for p in m.parameters()]
+
+    (nat_loss, nat_logits, nat_g), (emu_loss, emu_logits, emu_g) = run("native"), run("emulated")
+    torch.testing.assert_close(emu_loss, nat_loss, rtol=1e-2, atol=1e-3)
+    assert (emu_logits - nat_logits).abs().max().item() < 0.05
+    for a, b in zip(emu_g, nat_g, strict=True):
+        assert a.dtype == b.dtype == torch.float32
+        scale = b.abs().max().clamp_min(1e-12)
+        assert ((a - b).abs().max() / scale).item() < 5e-2
+    # ... and it is bf16, not float32, arithmetic: the roundings are there.
+    m.zero_grad(set_to_none=True)
+    fp32_loss = m.loss(idx, tgt).detach()
+    assert emu_loss.item() != fp32_loss.item()
+
+
+def test_cpu_bf16_kernels_env_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llm_core.model import CPU_BF16_ENV, cpu_bf16_kernels
+
+    try:
+        for mode in ("native", "emulated"):
+            monkeypatch.setenv(CPU_BF16_ENV, mode)
+            cpu_bf16_kernels.cache_clear()
+            assert cpu_bf16_kernels() == mode
+        monkeypatch.setenv(CPU_BF16_ENV, "fast")
+        cpu_bf16_kernels.cache_clear()
+        with pytest.raises(ValueError, match=CPU_BF16_ENV):
+            cpu_bf16_kernels()
+        monkeypatch.delenv(CPU_BF16_ENV)
+        cpu_bf16_kernels.cache_clear()
+        assert cpu_bf16_kernels() in ("native", "emulated")
+    finally:
+        cpu_bf16_kernels.cache_clear()
+
+
+@both_archs
+def test_inference_weights_are_a_scoped_snapshot(arch: dict[str, object]) -> None:
+    """Installed transposed weights give the plain path's outputs, are used only inside the
+    context and never by autograd, and a snapshot does not follow later weight updates (fused
+    AdamW updates in place without bumping the version counter)."""
+    from llm_core.model import InferenceWeights
+
+    m = make(**arch)
+    idx = torch.randint(0, V, (2, 12))
+    with torch.inference_mode():
+        ref = m(idx)
+    snap = InferenceWeights(m)
+    assert len(snap.pairs) == sum(isinstance(x, torch.nn.Linear) for x in m.modules())
+    with snap.installed(), torch.inference_mode():
+        torch.testing.assert_close(m(idx), ref)
+    assert all(mod._wt is None for mod, _ in snap.pairs)
+    with snap.installed():  # autograd records: the parameters themselves are used
+        m.train()
+        loss = m.loss(idx, idx)
+    loss.backward()
+    assert all(p.grad is not None for p in m.parameters())
+    torch.optim.AdamW(m.parameters(), lr=0.1, fused=True).step()
+    with torch.inference_mode():
+        moved = m(idx)
+    assert not torch.allclose(moved, ref)
+    with InferenceWeights(m).installed(), torch.inference_mode():
+        torch.testing.assert_close(m(idx), moved)
