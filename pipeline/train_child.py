@@ -491,6 +491,27 @@ def _model_config(profile: dict[str, Any], ex: dict[str, Any]) -> dict[str, Any]
     return model_config_from_profile(profile).to_dict()
 
 
+def _runtime() -> dict[str, str]:
+    """What the numbers depend on besides the config: the torch build and the CPU's kernels."""
+    import torch
+
+    from llm_core.model import cpu_bf16_kernels
+
+    return {
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_bf16_kernels": cpu_bf16_kernels(),
+    }
+
+
+def _precision(train_cfg: TrainConfig, summary: dict[str, Any], runtime: dict[str, str]) -> str:
+    """``float32``, ``bfloat16`` or, on a CPU without native bf16 GEMMs, ``bfloat16 (emulated)``."""
+    on_cpu = str(summary.get("device", "cpu")).startswith("cpu")
+    if train_cfg.dtype == "bfloat16" and on_cpu and runtime["cpu_bf16_kernels"] == "emulated":
+        return "bfloat16 (emulated: float32 GEMMs on bf16 operands)"
+    return train_cfg.dtype
+
+
 def run_stage(stage: Stage, ex: dict[str, Any], pipes: Any | None) -> None:
     """Train one stage; on rank 0 with Pipes, track it in MLflow and report the materialisation."""
     profile = load_profile(ex["profile"])
@@ -506,9 +527,17 @@ def run_stage(stage: Stage, ex: dict[str, Any], pipes: Any | None) -> None:
     t0 = time.perf_counter()
     with tracker.start_run(ex["run_name"], ex["tags"]) as run:
         model = _model_config(profile, ex)
+        runtime = _runtime()
         tracker.log_params(
-            {"profile": profile.get("name"), "model": model, stage.section: train_cfg.to_dict()}
+            {
+                "profile": profile.get("name"),
+                "model": model,
+                stage.section: train_cfg.to_dict(),
+                "runtime": runtime,
+            }
         )
+        if train_cfg.dtype == "bfloat16":  # on a CPU, which bf16 GEMMs (see cpu_bf16_kernels)
+            pipes.log.info(f"bf16 autocast; on CPU its GEMMs are {runtime['cpu_bf16_kernels']}")
         callbacks = [tracker.callback(), PipesProgress(pipes, train_cfg.log_every)]
         result, summary = stage.train(ex, train_cfg, callbacks)
         tracker.log_artifacts(weights_dir=out, config=profile, tokenizer_file=ex["tokenizer"])
@@ -532,6 +561,7 @@ def run_stage(stage: Stage, ex: dict[str, Any], pipes: Any | None) -> None:
             "mfu": _meta(result.mfu, "float"),
             "wall_time_s": _meta(round(time.perf_counter() - t0, 1), "float"),
             "device": _meta(summary.get("device"), "text"),
+            "precision": _meta(_precision(train_cfg, summary, runtime), "text"),
             "world_size": _meta(summary.get("world_size"), "int"),
             "mlflow_run_id": _meta(run_id, "text"),
             "mlflow_run": _meta(link, "url"),

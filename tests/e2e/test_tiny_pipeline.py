@@ -70,6 +70,7 @@ def test_pretrained_weights_and_mlflow(tiny_run) -> None:
     assert "upstream.token_shards" in run.data.tags
     assert "loss" in run.data.metrics
     assert run.data.params["model.n_layer"] == "2"
+    assert run.data.params["runtime.cpu_bf16_kernels"] in ("native", "emulated")
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model", "plots"} <= artifacts
     versions = client.search_model_versions("name='scriptorium-pretrained'")
@@ -100,3 +101,4 @@ def test_pretrained_weights_alone_through_materialize(tiny_run) -> None:
     assert meta["params"].value > 0
     assert np.isfinite(meta["final_train_loss"].value)
     assert "mlflow_run" in meta and "samples" in meta
+    assert meta["precision"].value == "float32"  # the tiny profile
