@@ -96,14 +96,9 @@ def cpu_bf16_kernels() -> str:
     return "native" if native else "emulated"
 
 
-def _emulated_bf16(x: Tensor) -> bool:
-    """Whether a matmul on ``x`` under the current autocast state takes the emulated bf16 path."""
-    return (
-        x.device.type == "cpu"
-        and torch.is_autocast_enabled("cpu")
-        and torch.get_autocast_dtype("cpu") == torch.bfloat16
-        and cpu_bf16_kernels() == "emulated"
-    )
+def _emulated_bf16(t: Tensor, dtype: torch.dtype) -> bool:
+    """Whether a matmul on ``t`` computed in ``dtype`` takes the emulated bf16 path."""
+    return t.device.type == "cpu" and dtype == torch.bfloat16 and cpu_bf16_kernels() == "emulated"
 
 
 def _bf16_as_fp32(t: Tensor) -> Tensor:
@@ -389,7 +384,7 @@ class Linear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type != "cpu":
             return F.linear(x, self.weight, self.bias)
-        if _emulated_bf16(x):
+        if torch.is_autocast_enabled("cpu") and _emulated_bf16(x, torch.get_autocast_dtype("cpu")):
             bias = None if self.bias is None else _bf16_as_fp32(self.bias)
             with torch.autocast("cpu", enabled=False):
                 out = F.linear(_bf16_as_fp32(x), _bf16_as_fp32(self.weight), bias)
@@ -447,7 +442,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_caus
     the common "eager" attention: scores and probabilities in bf16, softmax accumulated in float32.
     """
     b, h, tq, d = q.shape
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and cpu_bf16_kernels() == "emulated":
+    if _emulated_bf16(q, q.dtype):
         # No native bf16 GEMMs (see cpu_bf16_kernels): the fused float32 kernel on the bf16
         # values, its output rounded back to bf16.
         with torch.autocast("cpu", enabled=False):
@@ -660,12 +655,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=acc_dtype, device=h.device)
         # Without native bf16 GEMMs (see cpu_bf16_kernels) the three GEMMs run in float32 on the
         # bf16 operands, and the logit buffer stays float32 (one rounding fewer than native).
-        emulated = (
-            h.dtype == torch.bfloat16
-            and h.device.type == "cpu"
-            and cpu_bf16_kernels() == "emulated"
-        )
-        h_mm, w_mm = (h.float(), w.float()) if emulated else (h, w)
+        h_mm, w_mm = (h.float(), w.float()) if _emulated_bf16(h, h.dtype) else (h, w)
         with torch.autocast(h.device.type, enabled=False):
             buf = torch.mm(h_mm, w_mm.t())  # logits, then (in place) their gradient
             for s in range(0, n, chunk):
