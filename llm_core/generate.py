@@ -20,7 +20,7 @@ cache cannot slide (every cached key was rotated for its old position) so those 
 the window, exactly as ``use_cache=False`` does, and both settings give the same tokens.
 
 A call decodes with the weights as they were when it started: it snapshots them once in the
-layout the CPU's matrix-vector kernels stream fastest (:class:`llm_core.model.InferenceWeights`),
+layout the CPU's matrix-vector kernels stream fastest (:class:`llm_core.decode.InferenceWeights`),
 whether or not the cache is used.
 """
 
@@ -32,7 +32,8 @@ import torch
 from tokenizers import Tokenizer
 from torch import Tensor
 
-from llm_core.model import InferenceWeights, KVCache, Transformer
+from llm_core.decode import InferenceWeights, KVCache
+from llm_core.model import Transformer
 
 __all__ = ["chat_prompt_ids", "chat_replies", "generate", "sample_next", "stream"]
 

@@ -39,7 +39,7 @@ from llm_core.checkpoint import (
     unwrap_model,
 )
 from llm_core.config import TrainConfig
-from llm_core.model import cpu_bf16_kernels
+from llm_core.kernels import cpu_bf16_kernels
 from llm_core.objectives import Objective
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ def default_peak_flops(device: torch.device, dtype: str = "float32") -> float:
 
 def cpu_has_bf16_dot_products() -> bool:
     """AVX512-BF16 or AMX: the CPU's bf16 peak is twice its float32 peak. Elsewhere bf16 GEMMs
-    run at best at the float32 rate (emulated: :func:`llm_core.model.cpu_bf16_kernels`)."""
+    run at best at the float32 rate (emulated: :func:`llm_core.kernels.cpu_bf16_kernels`)."""
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
@@ -284,7 +284,7 @@ class Trainer:
         self.train_model = torch.compile(train_model) if cfg.compile else train_model
         self.autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
         if self.autocast_dtype is not None and self.device.type == "cpu":
-            log.info("bf16 autocast on this CPU: %s GEMMs (see llm_core.model.cpu_bf16_kernels)",
+            log.info("bf16 autocast on this CPU: %s GEMMs (see llm_core.kernels.cpu_bf16_kernels)",
                      cpu_bf16_kernels())  # fmt: skip
         self.peak_flops = cfg.peak_flops or default_peak_flops(self.device, cfg.dtype)
         self.step = 0

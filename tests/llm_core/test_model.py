@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from llm_core.config import ModelConfig
-from llm_core.model import KVCache, Transformer, positions_from_doc_ids
+from llm_core.decode import KVCache
+from llm_core.model import Transformer, positions_from_doc_ids
 
 V = 97
 
@@ -196,23 +197,6 @@ def test_fused_loss_matches_reference(arch: dict[str, object], bf16: bool) -> No
         assert_grads_close(got_g, ref_g, 1e-4 if not bf16 else 3e-2)
 
 
-def test_fused_loss_with_vanishing_probabilities() -> None:
-    """Targets whose softmax probability underflows still get the exact loss and gradient."""
-    from llm_core.model import _LinearCrossEntropy
-
-    torch.manual_seed(0)
-    h = torch.randn(6, 8, requires_grad=True)
-    w = (torch.randn(5, 8) * 30).requires_grad_()  # logit gaps of hundreds: p(target) ~ 0
-    t = torch.tensor([0, 1, 2, 3, 4, 0])
-    ref = F.cross_entropy(h @ w.t(), t)
-    gh, gw = torch.autograd.grad(ref, (h, w))
-    got = _LinearCrossEntropy.apply(h, w, t, -100, True)
-    assert torch.isfinite(got) and ref.item() > 50
-    torch.testing.assert_close(got, ref)
-    for a, b in zip(torch.autograd.grad(got, (h, w)), (gh, gw), strict=True):
-        torch.testing.assert_close(a, b)
-
-
 @both_archs
 def test_grad_and_inference_paths_agree(arch: dict[str, object]) -> None:
     """RMSNorm/RoPE use autograd Functions only when recording; both paths give the same output."""
@@ -374,7 +358,7 @@ def test_arch_is_validated() -> None:
     )
 
 
-# ---------------------------------------------------------------- CPU kernel choices
+# ---------------------------------------------------------------- CPU kernel choices (whole model)
 
 
 @both_archs
@@ -383,14 +367,14 @@ def test_emulated_bf16_matches_native_bf16(
 ) -> None:
     """Float32 GEMMs on bf16-rounded operands (CPUs without native bf16) give what native bf16
     autocast gives, to bf16 precision: the loss, every gradient and the logits."""
-    import llm_core.model as model_mod
+    import llm_core.kernels as kernels_mod
 
     m = make(**arch).train()
     idx = torch.randint(0, V, (3, 16))
     tgt = torch.randint(0, V, (3, 16))
 
     def run(kernels: str) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        monkeypatch.setattr(model_mod, "cpu_bf16_kernels", lambda: kernels)
+        monkeypatch.setattr(kernels_mod, "cpu_bf16_kernels", lambda: kernels)
         m.zero_grad(set_to_none=True)
         with autocast(True):
             loss = m.loss(idx, tgt)
@@ -408,51 +392,3 @@ def test_emulated_bf16_matches_native_bf16(
     m.zero_grad(set_to_none=True)
     fp32_loss = m.loss(idx, tgt).detach()
     assert emu_loss.item() != fp32_loss.item()
-
-
-def test_cpu_bf16_kernels_env_override(monkeypatch: pytest.MonkeyPatch) -> None:
-    from llm_core.model import CPU_BF16_ENV, cpu_bf16_kernels
-
-    try:
-        for mode in ("native", "emulated"):
-            monkeypatch.setenv(CPU_BF16_ENV, mode)
-            cpu_bf16_kernels.cache_clear()
-            assert cpu_bf16_kernels() == mode
-        monkeypatch.setenv(CPU_BF16_ENV, "fast")
-        cpu_bf16_kernels.cache_clear()
-        with pytest.raises(ValueError, match=CPU_BF16_ENV):
-            cpu_bf16_kernels()
-        monkeypatch.delenv(CPU_BF16_ENV)
-        cpu_bf16_kernels.cache_clear()
-        assert cpu_bf16_kernels() in ("native", "emulated")
-    finally:
-        cpu_bf16_kernels.cache_clear()
-
-
-@both_archs
-def test_inference_weights_are_a_scoped_snapshot(arch: dict[str, object]) -> None:
-    """Installed transposed weights give the plain path's outputs, are used only inside the
-    context and never by autograd, and a snapshot does not follow later weight updates (fused
-    AdamW updates in place without bumping the version counter)."""
-    from llm_core.model import InferenceWeights
-
-    m = make(**arch)
-    idx = torch.randint(0, V, (2, 12))
-    with torch.inference_mode():
-        ref = m(idx)
-    snap = InferenceWeights(m)
-    assert len(snap.pairs) == sum(isinstance(x, torch.nn.Linear) for x in m.modules())
-    with snap.installed(), torch.inference_mode():
-        torch.testing.assert_close(m(idx), ref)
-    assert all(mod._wt is None for mod, _ in snap.pairs)
-    with snap.installed():  # autograd records: the parameters themselves are used
-        m.train()
-        loss = m.loss(idx, idx)
-    loss.backward()
-    assert all(p.grad is not None for p in m.parameters())
-    torch.optim.AdamW(m.parameters(), lr=0.1, fused=True).step()
-    with torch.inference_mode():
-        moved = m(idx)
-    assert not torch.allclose(moved, ref)
-    with InferenceWeights(m).installed(), torch.inference_mode():
-        torch.testing.assert_close(m(idx), moved)
