@@ -13,7 +13,7 @@ MIRROR_PORT ?= 8765
 DAGSTER_PORT ?= 3000
 MLFLOW_PORT ?= 5000
 
-.PHONY: setup run test lint ui bench clean
+.PHONY: setup run test lint ui bench bench-smoke clean
 
 setup: $(STAMP)
 
@@ -63,9 +63,21 @@ ui: setup
 	echo "MLflow UI:  $$mlflow_url   (tracking store: $$store)"; \
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(DAGSTER_PORT)
 
+# Full benchmark runs (manual, ~20-30 min on 2 cores; run them on a quiet machine): each prints
+# its figures and, as its last line, one JSON object. BENCHMARKS.md gives the method and figures.
+# `make bench-smoke` runs every script with tiny settings (seconds each) so none can rot;
+# tests/benchmarks/test_smoke.py runs the same under `make test`.
+BENCH_MIRROR ?= $(or $(MIRROR),$(SCRIPTORIUM_TEST_MIRROR),$(CURDIR)/../shared/mirror)
+
 bench: setup
-	$(BIN)/python benchmarks/data_stages.py
+	$(BIN)/python benchmarks/data_stages.py --mirror "$(BENCH_MIRROR)"
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/sft_packing.py --mirror "$(BENCH_MIRROR)"
+
+bench-smoke: setup
+	$(BIN)/python benchmarks/data_stages.py --smoke --mirror "$(BENCH_MIRROR)"
+	$(BIN)/python benchmarks/train_throughput.py --smoke
+	$(BIN)/python benchmarks/sft_packing.py --smoke --mirror "$(BENCH_MIRROR)"
 
 clean:
 	rm -rf data .pytest_cache .ruff_cache

@@ -11,19 +11,22 @@ much of each step is padding and how attention is masked:
 The figure that matters is *conversations (or supervised tokens) per second*: the number of
 optimiser steps per epoch differs between the layouts. Each mode runs ``--warmup`` untimed steps,
 then ``--steps`` timed ones (forward, backward, AdamW) with the profile's dtype; the two modes
-alternate step by step and rates use the median step time, so load from other processes on a
-shared machine biases neither.
+alternate step by step (the order rotating every round) and rates use the median step time, so
+load from other processes on a shared machine biases neither. ``pack_vs_pad`` gives the ratio of
+medians, the median of per-round ratios of conversations/s, their spread and the verdict against
+the target (packing at least as fast as padding: it is the default), as every benchmark does (see
+``benchmarks/common.py``).
 
 The last line is one JSON object with every figure and ``"faster"`` naming the winner.
 
 Usage: python benchmarks/sft_packing.py [--profile demo] [--steps 8] [--mirror ../shared/mirror]
+       python benchmarks/sft_packing.py --smoke     # tiny profile, few conversations: seconds
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import sys
 import time
@@ -37,6 +40,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common import (  # noqa: E402
+    add_common_args,
+    compare,
+    describe,
+    emit,
+    interleave,
+    machine_info,
+)
 from llm_core.config import load_profile, model_config_from_profile, train_config_from_profile  # noqa: E402
 from llm_core.model import Transformer  # noqa: E402
 from llm_core.sft import ChatSpecials, SFTObjective, SFTSampler, encode_conversations  # noqa: E402
@@ -74,9 +85,10 @@ class Mode:
         )
         self.bf16 = train_cfg.dtype == "bfloat16"
         self.seconds: list[float] = []
+        self.rates: list[float] = []  # conversations/s of each timed step
         self.conversations = self.supervised = self.tokens = 0
 
-    def step(self, timed: bool) -> None:
+    def step(self, timed: bool) -> float:
         rows = self.sampler.rows(self.sampler.step)
         batch = self.sampler.next_batch()
         autocast = (
@@ -88,11 +100,14 @@ class Mode:
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        secs = time.perf_counter() - t0
         if timed:
-            self.seconds.append(time.perf_counter() - t0)
+            self.seconds.append(secs)
+            self.rates.append(sum(len(r) for r in rows) / secs)
             self.conversations += sum(len(r) for r in rows)
             self.supervised += int(batch["loss_mask"].sum())
             self.tokens += batch["input_ids"].numel()
+        return secs
 
     def summary(self) -> dict[str, float]:
         """Rates use the *median* step time: robust to other processes stealing the CPU."""
@@ -115,6 +130,7 @@ class Mode:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_common_args(ap)
     ap.add_argument("--profile", default="demo")
     ap.add_argument("--mirror", type=Path, default=REPO.parent / "shared" / "mirror")
     ap.add_argument("--conversations", type=int, default=4000)
@@ -123,6 +139,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="default: sft_train.batch_size")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
+    if args.smoke:
+        args.profile, args.conversations, args.steps, args.warmup = "tiny", 200, 3, 1
+    info = machine_info()
+    print(f"{info['cpu_model']} @ {info['cpu_mhz']} MHz, flags {info['cpu_flags']}, "
+          f"load average {info['loadavg']}")  # fmt: skip
     if args.threads:
         torch.set_num_threads(args.threads)
     profile = load_profile(args.profile)
@@ -140,14 +161,34 @@ def main() -> None:
         for name in ("pack", "pad")
     }
     # Interleaved, so a burst of load from elsewhere hits both layouts alike.
-    for step in range(args.warmup + args.steps):
-        for mode in modes.values():
-            mode.step(timed=step >= args.warmup)
+    calls = dict.fromkeys(modes, 0)
+
+    def side(name: str) -> Any:
+        def run() -> float:
+            calls[name] += 1
+            return modes[name].step(timed=calls[name] > args.warmup)
+
+        return run
+
+    interleave({name: side(name) for name in modes}, rounds=args.steps, warmup=args.warmup)
+    pack_vs_pad = compare(
+        modes["pack"].rates,
+        modes["pad"].rates,
+        lower_is_better=False,
+        target=1.0,
+        a_name="pack conversations/s",
+        b_name="pad conversations/s",
+    )
+    print(f"pack vs pad, conversations/s: {describe(pack_vs_pad)}")
     results = {name: mode.summary() for name, mode in modes.items()}
     for mode, r in results.items():
         print(f"{mode}: {r}")
     speedup = results["pack"]["conversations_per_s"] / results["pad"]["conversations_per_s"]
     summary = {
+        "benchmark": "sft_packing",
+        "smoke": args.smoke,
+        "machine": info,
+        "loadavg_end": machine_info()["loadavg"],
         "profile": profile.get("name", args.profile),
         "context_length": model_cfg.context_length,
         "batch_size": args.batch_size,
@@ -158,9 +199,10 @@ def main() -> None:
         "truncated": data.truncated,
         **results,
         "pack_speedup": round(speedup, 3),
+        "pack_vs_pad": pack_vs_pad,
         "faster": "pack" if speedup > 1 else "pad",
     }
-    print(json.dumps(summary))
+    emit(summary)
 
 
 if __name__ == "__main__":

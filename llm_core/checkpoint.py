@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llm_core.config import ModelConfig
-from llm_core.data import _fsync_dir, atomic_write_bytes
+from llm_core.data.shards import atomic_write_bytes, fsync_dir
 
 if TYPE_CHECKING:
     from llm_core.model import Transformer
@@ -41,7 +41,7 @@ OPTIMIZER_NAME = "optimizer.pt"
 RNG_NAME = "rng.pt"
 CKPT_FORMAT = "scriptorium-ckpt/1"
 _TIED_KEY = "scriptorium.tied"
-_PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -103,7 +103,7 @@ def save_weights(model: nn.Module, out_dir: str | Path) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(out)
+    fsync_dir(out)
     config: ModelConfig = raw.config  # type: ignore[assignment]
     atomic_write_bytes(out / CONFIG_NAME, (json.dumps(config.to_dict(), indent=2) + "\n").encode())
     return out / WEIGHTS_NAME
@@ -111,12 +111,12 @@ def save_weights(model: nn.Module, out_dir: str | Path) -> Path:
 
 def _weights_file(path: str | Path) -> Path:
     p = Path(path)
-    if p.suffix.lower() in _PICKLE_SUFFIXES:
+    if p.suffix.lower() in PICKLE_SUFFIXES:
         raise ValueError(f"{p}: refusing to load pickled weights; convert to safetensors first")
     if p.is_dir():
         f = p / WEIGHTS_NAME
         if not f.is_file():
-            pickles = sorted(q.name for q in p.iterdir() if q.suffix.lower() in _PICKLE_SUFFIXES)
+            pickles = sorted(q.name for q in p.iterdir() if q.suffix.lower() in PICKLE_SUFFIXES)
             hint = f" (found pickled {pickles}; these are never loaded)" if pickles else ""
             raise FileNotFoundError(f"{f}: no safetensors weights{hint}")
         return f
@@ -257,7 +257,7 @@ def save_checkpoint(
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

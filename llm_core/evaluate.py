@@ -29,7 +29,8 @@ import torch.distributed as dist
 from tokenizers import Tokenizer
 from torch import nn
 
-from llm_core.data import EvalBatches, TokenShards
+from llm_core.data import TokenShards
+from llm_core.data.lm import EvalBatches
 from llm_core.objectives import _per_token_nll
 
 
@@ -94,7 +95,7 @@ def make_lm_evaluator(
     tokens_per_byte: float | None,
 ) -> Callable[[nn.Module], dict[str, float]]:
     """An ``evaluator(model)`` for the trainer reporting ``val_loss``, ``val_perplexity`` and
-    ``val_bpb``. ``val_batches`` must be re-iterable (e.g. ``llm_core.data.EvalBatches``) so every
+    ``val_bpb``. ``val_batches`` must be re-iterable (e.g. ``llm_core.data.lm.EvalBatches``) so every
     evaluation sees the same tokens and the curve is comparable across steps."""
 
     def evaluator(model: nn.Module) -> dict[str, float]:
@@ -114,7 +115,7 @@ def evaluate_heldout(
 ) -> dict[str, float]:
     """Loss, perplexity and bits per byte on the held-out books of a shard directory.
 
-    The same windows as pretraining's validation (:class:`~llm_core.data.EvalBatches`: the first
+    The same windows as pretraining's validation (:class:`~llm_core.data.lm.EvalBatches`: the first
     ``num_batches`` batches of consecutive ``context_length`` windows), so the figure for the base
     model matches its last ``val_bpb`` and every later stage is measured on identical tokens.
     """

@@ -2,9 +2,10 @@
 
 Books are read from ``books.parquet`` in small record batches (never the whole table), encoded in
 parallel with ``Tokenizer.encode_batch`` (Rust threads), and appended to fixed-size shards by
-``llm_core.data.ShardWriter``. ``<|endoftext|>`` follows every book so the model learns where
+``llm_core.data.shards.ShardWriter``. ``<|endoftext|>`` follows every book so the model learns where
 documents end and packed windows can still be told apart. Peak memory is one batch of text plus
-one shard buffer, whatever the corpus size.
+one shard buffer, whatever the corpus size. Nothing here imports torch: a data-stage process
+stays at the import floor of NumPy, pyarrow and ``tokenizers``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from llm_core.data import ShardWriter, write_manifest
+from llm_core.data.shards import ShardWriter, write_manifest
 from llm_core.tokenizer import EOT, file_sha256, load_tokenizer
 
 SHARD_FORMAT = "scriptorium-shards/1"
@@ -186,9 +187,7 @@ def encode_books_to_shards(
         "tokenizer_sha256": file_sha256(tokenizer_path),
         "tokens_per_shard": tokens_per_shard,
         "val_book_ids": sorted(val_ids),
-        "splits": {
-            s: {"tokens": tokens[s], "bytes": nbytes[s], "books": books[s]} for s in tokens
-        },
+        "splits": {s: {"tokens": tokens[s], "bytes": nbytes[s], "books": books[s]} for s in tokens},
         "shards": entries,
     }
     write_manifest(out_dir, manifest)

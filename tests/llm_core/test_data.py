@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from llm_core import data as data_mod
 from llm_core.data import (
-    EvalBatches,
-    RandomWindowSampler,
     ShardWriter,
     TokenShards,
     dtype_for_vocab,
     read_manifest,
     write_manifest,
 )
+from llm_core.data import shards as data_mod
+from llm_core.data.lm import EvalBatches, RandomWindowSampler
 from tests.llm_core.training_helpers import corpus, make_shards
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_writer_reader_round_trip(tmp_path: Path) -> None:
@@ -195,3 +198,14 @@ def test_eval_batches_fixed_sequential_and_sliced(tmp_path: Path) -> None:
         assert torch.equal(torch.cat([halves[0][b][0], halves[1][b][0]]), first[b][0])
     with pytest.raises(ValueError, match="too few"):
         EvalBatches(val, 128, 16, 1)
+
+
+def test_shard_format_and_data_stages_do_not_import_torch() -> None:
+    """The data stages write shards through ``llm_core.data`` without PyTorch's import floor."""
+    code = (
+        "import sys, llm_core.data, llm_core.data.shards, pipeline.text.shards, pipeline.text.clean\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "import llm_core.data.lm\n"
+        "assert 'torch' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

@@ -1,5 +1,9 @@
 """Token shards: the on-disk contract between the tokenizer stage and every training stage.
 
+Torch-free (NumPy only): the data stages (``pipeline.text.shards``) write shards through this
+module without paying PyTorch's import time and memory. The samplers that turn shards into
+tensors live in :mod:`llm_core.data.lm`.
+
 A shard directory holds ``manifest.json`` plus one ``.npy`` file per shard (``train_00000.npy`` …).
 Shards are plain NumPy arrays so they can be memory-mapped: a training process touches only the
 pages it samples, and any number of DDP ranks share the OS page cache instead of each holding a
@@ -8,10 +12,6 @@ copy.
 Writers never expose a half-written file: every shard and the manifest go to a temporary name and
 are ``os.replace``-d into place, so a crash leaves either the old state or the new, never a torn
 ``.npy`` that a later run would mmap and train on.
-
-Sampling is *step-indexed*: the windows of batch ``k`` are a pure function of ``(seed, k)``. The
-sampler's state is therefore just a counter, which is what lets a resumed run see exactly the
-batches an unbroken run would, without replaying the data stream.
 """
 
 from __future__ import annotations
@@ -20,12 +20,10 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 SHARD_FORMAT = "scriptorium-shards/1"
 MANIFEST_NAME = "manifest.json"
@@ -39,7 +37,7 @@ def dtype_for_vocab(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 2**16 else "uint32"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Persist a rename: without this a power cut can forget the directory entry."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -66,7 +64,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 class ShardWriter:
@@ -148,7 +146,7 @@ class ShardWriter:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        _fsync_dir(self.out_dir)
+        fsync_dir(self.out_dir)
         self._entries.append(
             {"file": name, "split": self.split, "tokens": int(shard.size), "sha256": digest}
         )
@@ -314,149 +312,3 @@ class TokenShards:
             filled += n
             i += 1
         return out
-
-
-def _rank_slice(global_batch: int, rank: int, world_size: int) -> slice:
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"invalid rank {rank} for world_size {world_size}")
-    if global_batch % world_size:
-        raise ValueError(f"global batch {global_batch} not divisible by world_size {world_size}")
-    per = global_batch // world_size
-    return slice(rank * per, (rank + 1) * per)
-
-
-def _stack(
-    shards: TokenShards, starts: list[int], seq_len: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = (
-        np.stack([shards.get(s, seq_len + 1) for s in starts])
-        if starts
-        else np.empty((0, seq_len + 1), dtype=np.int64)
-    )
-    t = torch.from_numpy(rows)
-    return t[:, :-1].contiguous(), t[:, 1:].contiguous()
-
-
-class RandomWindowSampler:
-    """Seeded, resumable sampler of ``(x, y)`` batches of contiguous ``seq_len`` windows.
-
-    The split is cut into non-overlapping windows of stride ``seq_len``; each epoch shuffles them
-    with its own permutation and shifts all boundaries by a random offset, so every token is seen
-    once per epoch and windows do not always start at the same positions. ``global_batch_size`` is
-    the batch across all ranks; rank ``r`` takes rows ``[r*b, (r+1)*b)`` of it, so the data the
-    model sees per step is identical for any world size.
-    """
-
-    def __init__(
-        self,
-        shards: TokenShards,
-        global_batch_size: int,
-        seq_len: int,
-        *,
-        seed: int = 1337,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        if global_batch_size <= 0 or seq_len <= 0:
-            raise ValueError("global_batch_size and seq_len must be positive")
-        self.shards = shards
-        self.global_batch_size = int(global_batch_size)
-        self.seq_len = int(seq_len)
-        self.seed = int(seed)
-        self.rank, self.world_size = rank, world_size
-        self._slice = _rank_slice(self.global_batch_size, rank, world_size)
-        # Room for a random offset in [0, seq_len) plus the one-token target shift.
-        self.num_windows = (shards.num_tokens - seq_len) // seq_len
-        if self.num_windows < 1:
-            raise ValueError(
-                f"split {shards.split!r} has {shards.num_tokens} tokens, too few for one window "
-                f"of {seq_len}+1 tokens"
-            )
-        self.step = 0
-        self._epoch = -1
-        self._perm = np.empty(0, dtype=np.int64)
-        self._offset = 0
-
-    def _epoch_plan(self, epoch: int) -> tuple[np.ndarray, int]:
-        if epoch != self._epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._offset = int(rng.integers(0, self.seq_len))
-            self._perm = rng.permutation(self.num_windows)
-            self._epoch = epoch
-        return self._perm, self._offset
-
-    def window_starts(self, step: int) -> list[int]:
-        """Start offsets of the *global* batch number ``step`` (a pure function of seed, step)."""
-        starts = []
-        for g in range(step * self.global_batch_size, (step + 1) * self.global_batch_size):
-            perm, offset = self._epoch_plan(g // self.num_windows)
-            starts.append(offset + int(perm[g % self.num_windows]) * self.seq_len)
-        return starts
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's ``(x, y)`` LongTensors ``[global_batch_size // world_size, seq_len]``."""
-        starts = self.window_starts(self.step)[self._slice]
-        self.step += 1
-        return _stack(self.shards, starts, self.seq_len)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            yield self.next_batch()
-
-    @property
-    def epoch(self) -> float:
-        """Fractional passes over the split so far."""
-        return self.step * self.global_batch_size / self.num_windows
-
-    def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable position; the geometry is stored to refuse a mismatched resume."""
-        return {
-            "step": self.step,
-            "seed": self.seed,
-            "global_batch_size": self.global_batch_size,
-            "seq_len": self.seq_len,
-            "num_tokens": self.shards.num_tokens,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume at ``state['step']``; world size may differ, the data geometry may not."""
-        for key in ("seed", "global_batch_size", "seq_len", "num_tokens"):
-            mine = self.state_dict()[key]
-            if int(state[key]) != mine:
-                raise ValueError(f"sampler state mismatch on {key}: saved {state[key]}, now {mine}")
-        self.step = int(state["step"])
-
-
-class EvalBatches:
-    """Deterministic, re-iterable validation batches: the first ``num_batches`` global batches of
-    consecutive windows from the start of the split, identical on every call and world size."""
-
-    def __init__(
-        self,
-        shards: TokenShards,
-        global_batch_size: int,
-        seq_len: int,
-        num_batches: int,
-        *,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        self.shards, self.seq_len = shards, int(seq_len)
-        self.global_batch_size = int(global_batch_size)
-        self._slice = _rank_slice(self.global_batch_size, rank, world_size)
-        windows = (shards.num_tokens - 1) // self.seq_len
-        self.num_batches = min(int(num_batches), windows // self.global_batch_size)
-        if self.num_batches < 1:
-            raise ValueError(
-                f"split {shards.split!r} has {shards.num_tokens} tokens, too few for one eval "
-                f"batch of {global_batch_size}x{seq_len}"
-            )
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for b in range(self.num_batches):
-            base = b * self.global_batch_size
-            starts = [(base + i) * self.seq_len for i in range(self.global_batch_size)]
-            yield _stack(self.shards, starts[self._slice], self.seq_len)
