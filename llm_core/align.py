@@ -1,4 +1,4 @@
-"""Preference pairs as training data, and Direct Preference Optimisation (``run_dpo``).
+"""Preference pairs as training data, and the pieces of DPO (the stage is :mod:`llm_core.stages.dpo`).
 
 A preference pair is a chat prompt (``[{role, content}, ...]`` ending in a user turn) and two
 assistant replies, ``chosen`` and ``rejected``. Both sides are encoded with
@@ -15,8 +15,9 @@ reward model (:mod:`llm_core.reward`) and DPO, through one batch layout (:func:`
     real tokens per row,
 
 for ``side`` in ``chosen``/``rejected``, both padded to one width ``W`` so they can share a
-forward pass. Batches come from :class:`IndexSampler`: step-indexed like every sampler of the
-project, so a resumed run sees the batches an unbroken one would.
+forward pass. Batches come from :class:`IndexSampler`, a
+:class:`~llm_core.data.sampler.StepSampler` like every training sampler, so a resumed run sees
+the batches an unbroken one would.
 
 DPO itself is :class:`llm_core.objectives.DPOObjective` run by the one
 :class:`~llm_core.trainer.Trainer`, against a frozen copy of the starting (SFT) model.
@@ -37,9 +38,9 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from llm_core.config import TrainConfig
-from llm_core.finetune import FinetuneRun, fit_and_save, save_chat_model, training_session
+from llm_core.data.sampler import StepSampler
 from llm_core.objectives import DPOObjective
-from llm_core.sft import ChatDataset, ChatSpecials, _rank_slice, encode_replies
+from llm_core.sft import ChatDataset, ChatSpecials, encode_replies
 from llm_core.trainer import DistInfo
 
 Messages = list[dict[str, str]]
@@ -76,6 +77,20 @@ class Preferences:
             chosen.append(str(get("chosen")))
             rejected.append(str(get("rejected")))
         return cls(prompts, chosen, rejected)
+
+    @classmethod
+    def read_parquet(cls, path: str | Path) -> Preferences:
+        """A ``preference_pairs`` split file (``prompt``, ``chosen``, ``rejected`` columns)."""
+        import pyarrow.parquet as pq
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no preference pairs file here")
+        try:
+            table = pq.read_table(path, columns=["prompt", "chosen", "rejected"])
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{path}: not a preference pairs file ({e})") from e
+        return cls.from_records(table.to_pylist())
 
     def head(self, n: int) -> Preferences:
         return Preferences(self.prompts[:n], self.chosen[:n], self.rejected[:n])
@@ -141,7 +156,7 @@ def collate_pairs(data: PairData, index: Sequence[int], pad_id: int) -> dict[str
     return batch
 
 
-class IndexSampler:
+class IndexSampler(StepSampler):
     """Seeded, resumable batches of item indices, each turned into a batch by ``collate``.
 
     Epoch ``e`` visits the ``n`` items in the permutation ``rng([seed, e])``; global batch ``k``
@@ -149,6 +164,8 @@ class IndexSampler:
     of ``(seed, k)`` and the state is a counter. Rank ``r`` collates its slice of each global
     batch, so the data of an optimiser step does not depend on the number of processes.
     """
+
+    KIND = "index"
 
     def __init__(
         self,
@@ -162,13 +179,10 @@ class IndexSampler:
     ) -> None:
         if n <= 0:
             raise ValueError("no items to sample from")
-        if global_batch_size <= 0:
-            raise ValueError("global_batch_size must be positive")
-        self.n, self.global_batch_size, self.seed = int(n), int(global_batch_size), int(seed)
+        super().__init__(global_batch_size, seed=seed, rank=rank, world_size=world_size)
+        self.n = int(n)
         self.collate = collate
-        self._slice = _rank_slice(self.global_batch_size, rank, world_size)
         self._perm: tuple[int, np.ndarray] | None = None
-        self.step = 0
 
     def _order(self, epoch: int) -> np.ndarray:
         if self._perm is None or self._perm[0] != epoch:
@@ -183,29 +197,13 @@ class IndexSampler:
 
     def local_indices(self, step: int) -> np.ndarray:
         """This rank's slice of global batch ``step``."""
-        return self.indices(step)[self._slice]
+        return self.local(self.indices(step))
 
-    def next_batch(self) -> Any:
-        index = self.local_indices(self.step)
-        self.step += 1
-        return self.collate(index)
+    def batch(self, step: int) -> Any:
+        return self.collate(self.local_indices(step))
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "seed": self.seed,
-            "global_batch_size": self.global_batch_size,
-            "items": self.n,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        mine = self.state_dict()
-        for key in ("seed", "global_batch_size", "items"):
-            if state.get(key) != mine[key]:
-                raise ValueError(
-                    f"sampler state mismatch on {key}: saved {state.get(key)}, now {mine[key]}"
-                )
-        self.step = int(state["step"])
+    def geometry(self) -> dict[str, Any]:
+        return {**super().geometry(), "items": self.n}
 
 
 def pair_sampler(
@@ -297,57 +295,3 @@ def evaluate_dpo(
     if n == 0:
         raise ValueError("evaluate_dpo: no validation pairs")
     return {f"val_{k}": v / n for k, v in sums.items()}
-
-
-def run_dpo(
-    train: Preferences,
-    val: Preferences,
-    init_weights: str | Path,
-    tokenizer_path: str | Path,
-    out_dir: str | Path,
-    train_cfg: TrainConfig,
-    *,
-    beta: float = 0.1,
-    callbacks: Sequence[Any] = (),
-    resume: bool = False,
-    device: str | None = None,
-) -> FinetuneRun:
-    """DPO of the model in ``init_weights`` (the SFT model) on ``train`` pairs.
-
-    The reference is a frozen copy of the starting model, so the implicit reward of a reply is
-    ``beta * (log pi(reply) - log ref(reply))``. Writes ``model.safetensors``, ``config.json``,
-    ``tokenizer.json``, ``checkpoints/`` and ``metrics.json`` (``method: dpo``) into ``out_dir``.
-    """
-    out = Path(out_dir)
-    with training_session(init_weights, tokenizer_path, device or train_cfg.device) as (
-        info,
-        tok,
-        model,
-    ):
-        pairs = prepare_pairs(tok, train, val, train_cfg, model.config.context_length, info)
-        objective = DPOObjective(beta=beta, reference=frozen_copy(model))
-        evaluator = None
-        if pairs.val_batches:
-            evaluator = lambda m: evaluate_dpo(m, objective, pairs.val_batches)  # noqa: E731
-        torch.manual_seed(train_cfg.seed)
-        return fit_and_save(
-            model,
-            objective,
-            train_cfg,
-            pairs.sampler,
-            info=info,
-            out=out,
-            save=lambda m, o: save_chat_model(m, o, tokenizer_path),
-            summary=lambda result, before: {
-                "method": "dpo",
-                "beta": beta,
-                "train_pairs": len(pairs.train),
-                "val_pairs": len(pairs.val),
-                "truncated": pairs.train.truncated,
-                "model_config": model.config.to_dict(),
-                "init_weights": str(init_weights),
-            },
-            evaluator=evaluator,
-            callbacks=callbacks,
-            resume=resume,
-        )

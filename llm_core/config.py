@@ -138,15 +138,19 @@ def profile_name() -> str:
     return os.environ.get(PROFILE_ENV, DEFAULT_PROFILE)
 
 
+def profile_path(ref: str) -> Path:
+    """Where profile ``ref`` (a name in ``configs/profiles/`` or a YAML path) lives."""
+    path = Path(ref)
+    return path if path.suffix in {".yaml", ".yml"} else configs_dir() / "profiles" / f"{ref}.yaml"
+
+
 def load_profile(name_or_path: str | None = None) -> dict[str, Any]:
     """Load a profile by name (``tiny``, ``demo`` …) or by path to a YAML file.
 
     Raises a ``FileNotFoundError`` that lists the available profiles when the name is unknown.
     """
     ref = name_or_path or profile_name()
-    path = Path(ref)
-    if path.suffix not in {".yaml", ".yml"}:
-        path = configs_dir() / "profiles" / f"{ref}.yaml"
+    path = profile_path(ref)
     if not path.exists():
         available = sorted(p.stem for p in (configs_dir() / "profiles").glob("*.yaml"))
         raise FileNotFoundError(f"profile {ref!r} not found at {path}; available: {available}")

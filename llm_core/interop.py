@@ -14,23 +14,22 @@ Export (:func:`export_hf`) writes a folder that ``AutoModelForCausalLM.from_pret
   folder imports with a plain split as well.) GPT-2's ``Conv1D`` stores weights as [in, out],
   so those are transposed both ways;
 * ``tokenizer.json`` (our byte-level BPE, unchanged), ``tokenizer_config.json`` with the chat
-  template in Jinja (:data:`CHAT_TEMPLATE`, the exact string of
-  :func:`llm_core.tokenizer.render_chat`, tool turns handled as :func:`llm_core.sft.
-  template_messages` does), ``special_tokens_map.json``, ``generation_config.json`` (stop at
-  ``<|end|>`` or ``<|endoftext|>``) and ``README.md``, a model card whose YAML front matter is
-  Hub metadata (see :func:`render_model_card`).
+  template in Jinja and ``special_tokens_map.json`` (:mod:`llm_core.hf_tokenizer`),
+  ``generation_config.json`` (stop at ``<|end|>`` or ``<|endoftext|>``) and ``README.md``, a
+  model card whose YAML front matter is Hub metadata (:mod:`llm_core.hf_card`).
 
 Import (:func:`import_hf`, :func:`load_hf_model`) reads ``config.json`` and safetensors directly
 (single file or sharded with an index), so it needs neither ``transformers`` nor any pickle:
 a folder holding only ``pytorch_model.bin`` (or another pickle) is refused with an error naming
 the file, because unpickling runs arbitrary code. Weights are converted to float32, the dtype
-llm_core trains in. ``transformers`` is only imported inside :func:`compare_with_transformers`,
-which verifies an export (a test/extra dependency, never needed to export or import).
+llm_core trains in. An imported tokenizer gets llm_core's chat tokens from
+:func:`llm_core.hf_tokenizer.add_chat_tokens`. ``transformers`` is only imported inside
+:func:`compare_with_transformers`, which verifies an export (a test/extra dependency, never needed
+to export or import).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -40,34 +39,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tokenizers import AddedToken, Tokenizer
 
-from llm_core.checkpoint import _PICKLE_SUFFIXES, CONFIG_NAME, WEIGHTS_NAME, load_state_dict
+from llm_core.checkpoint import CONFIG_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, load_state_dict
 from llm_core.config import ModelConfig
-from llm_core.data import _fsync_dir
-from llm_core.sft import TOOL_CLOSE, TOOL_OPEN, ChatSpecials
-from llm_core.tokenizer import (
-    ASSISTANT,
-    END,
-    EOT,
-    PAD,
-    ROLE_TOKENS,
-    SPECIAL_TOKENS,
-    SYSTEM,
-    USER,
-    load_tokenizer,
-)
+from llm_core.data.shards import fsync_dir
+from llm_core.hf_card import CARD_NAME, render_model_card
+from llm_core.hf_tokenizer import tokenizer_files
+from llm_core.sft import ChatSpecials
+from llm_core.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
     from llm_core.model import Transformer
 
 __all__ = [
-    "CHAT_TEMPLATE",
     "HFImportError",
-    "add_chat_tokens",
     "compare_with_transformers",
     "config_from_hf",
     "export_hf",
@@ -75,42 +62,11 @@ __all__ = [
     "hf_config",
     "import_hf",
     "load_hf_model",
-    "render_model_card",
     "to_hf_state_dict",
 ]
 
 HF_INDEX_NAME = "model.safetensors.index.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
-TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
-SPECIAL_TOKENS_MAP_NAME = "special_tokens_map.json"
-CARD_NAME = "README.md"
-
-
-def _jinja(text: str) -> str:
-    """``text`` as a Jinja string literal."""
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
-
-
-# The template of llm_core.tokenizer.render_chat (plus the tool-turn wrapping of
-# llm_core.sft.template_messages), in Jinja for tokenizer.apply_chat_template, built from the same
-# constants. Whitespace control ({%- -%}) keeps the template's own line breaks out of the output:
-# only the tokens and the message contents are emitted.
-_ROLES = "{" + ", ".join(f"{_jinja(r)}: {_jinja(t)}" for r, t in ROLE_TOKENS.items()) + "}"
-CHAT_TEMPLATE = (
-    f"{{%- set role_tokens = {_ROLES} -%}}\n"
-    "{%- for message in messages -%}\n"
-    "{%- set content = message['content'] if message['content'] is string else '' -%}\n"
-    "{%- if message['role'] == 'tool' -%}\n"
-    f"{{{{- {_jinja(USER + TOOL_OPEN)} + content + {_jinja(TOOL_CLOSE + END)} -}}}}\n"
-    "{%- elif message['role'] in role_tokens -%}\n"
-    f"{{{{- role_tokens[message['role']] + content + {_jinja(END)} -}}}}\n"
-    "{%- else -%}\n"
-    "{{- raise_exception('unknown chat role ' + message['role'] + "
-    f"'; expected one of {', '.join(sorted(ROLE_TOKENS))} or tool') -}}}}\n"
-    "{%- endif -%}\n"
-    "{%- endfor -%}\n"
-    f"{{%- if add_generation_prompt -%}}{{{{- {_jinja(ASSISTANT)} -}}}}{{%- endif -%}}\n"
-)
 
 
 class HFImportError(ValueError):
@@ -369,7 +325,7 @@ def _hf_weight_files(hf_dir: Path) -> list[Path]:
     single = hf_dir / WEIGHTS_NAME
     if single.is_file():
         return [single]
-    pickles = sorted(p.name for p in hf_dir.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES)
+    pickles = sorted(p.name for p in hf_dir.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
         raise HFImportError(
             f"{hf_dir / pickles[0]}: refusing to load pickled weights (unpickling can run "
@@ -410,72 +366,7 @@ def load_hf_model(hf_dir: str | Path, device: str | torch.device = "cpu") -> Tra
     return model.to(device)
 
 
-def add_chat_tokens(tokenizer: Tokenizer, model: Transformer) -> tuple[Tokenizer, Transformer]:
-    """Give an imported model the reserved tokens llm_core's chat template and SFT need.
-
-    A GPT-2 (or other) tokenizer lacks ``<|pad|>``, ``<|system|>`` … ``<|end|>``; without them
-    ``run_sft`` and ``scriptorium chat`` refuse the tokenizer. The missing ones are appended as
-    special added tokens (ids after the tokenizer's vocabulary), and the embedding (and an untied
-    LM head) grows to fit. Each new row is the mean of the existing rows, the usual choice: the
-    new tokens start as an "average" token instead of noise, and every logit the model gave the
-    old vocabulary is unchanged. Returns new objects; the inputs are left as they were.
-    """
-    from llm_core.model import Transformer
-
-    missing = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
-    if not missing:
-        return tokenizer, model
-    old_size = tokenizer.get_vocab_size()
-    tok = Tokenizer.from_str(tokenizer.to_str())
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
-    new_ids = [int(tok.token_to_id(t)) for t in missing]
-    cfg = model.config
-    grown = Transformer(dataclasses.replace(cfg, vocab_size=max(cfg.vocab_size, max(new_ids) + 1)))
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    names = ["tok_emb.weight"] + ([] if cfg.tie_embeddings else ["lm_head.weight"])
-    for name in names:
-        old = state[name]
-        new = old.new_empty((grown.config.vocab_size, old.shape[1]))
-        new[: old.shape[0]] = old
-        new[new_ids] = old[: min(old_size, old.shape[0])].mean(dim=0)
-        state[name] = new
-    if cfg.tie_embeddings:
-        state["lm_head.weight"] = state["tok_emb.weight"]
-    grown.load_state_dict(state, strict=True)
-    return tok, grown.to(model.tok_emb.weight.device)
-
-
 # ------------------------------------------------------------------------------ export
-def _tokenizer_files(tok: Tokenizer, cfg: ModelConfig) -> dict[str, Any]:
-    """``tokenizer_config.json`` and ``special_tokens_map.json`` contents for ``tok``.
-
-    ``tokenizer_class`` is the generic fast tokenizer, so transformers loads ``tokenizer.json`` as
-    it is (a model-specific class could rebuild the pre-tokenizer its own way). ``eos_token`` is
-    ``<|end|>``, the end of a chat turn, as chat models on the Hub declare theirs.
-    """
-    specials = {"bos_token": EOT, "eos_token": END, "pad_token": PAD}
-    extra = [SYSTEM, USER, ASSISTANT, END]
-    flags = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
-    added = {
-        str(tok.token_to_id(t)): {"content": t, **flags, "special": True} for t in SPECIAL_TOKENS
-    }
-    config: dict[str, Any] = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": cfg.context_length,
-        "clean_up_tokenization_spaces": False,
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "added_tokens_decoder": added,
-        "additional_special_tokens": extra,
-        "chat_template": CHAT_TEMPLATE,
-        **specials,
-    }
-    return {
-        TOKENIZER_CONFIG_NAME: config,
-        SPECIAL_TOKENS_MAP_NAME: {**specials, "additional_special_tokens": extra},
-    }
-
-
 def export_hf(
     weights_dir: str | Path,
     tokenizer_path: str | Path,
@@ -488,7 +379,7 @@ def export_hf(
 
     The folder is built under a temporary name beside ``out_dir`` and swapped into place, so a
     reader (or ``upload_folder``) never sees half of one. ``card`` feeds the model card
-    (:func:`render_model_card`).
+    (:func:`llm_core.hf_card.render_model_card`).
     """
     weights_dir, out = Path(weights_dir), Path(out_dir)
     tok_file = Path(tokenizer_path)
@@ -521,7 +412,7 @@ def export_hf(
                 "pad_token_id": specials.pad,
                 "do_sample": False,
             },
-            **_tokenizer_files(tok, cfg),
+            **tokenizer_files(tok, cfg),
         }
         for name, obj in files.items():
             (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
@@ -539,137 +430,11 @@ def export_hf(
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-# ------------------------------------------------------------------------------ model card
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def _cell(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def render_model_card(
-    card: Mapping[str, Any], cfg: ModelConfig, n_params: int | None = None
-) -> str:
-    """``README.md`` for the Hub: YAML front matter (metadata) and a body for readers.
-
-    ``card`` keys (all optional): ``model_name``; ``license`` (a Hub licence id; ``other`` needs
-    ``license_name`` and may have ``license_link``); ``language`` (list); ``tags``;
-    ``base_model`` (a Hub model id this one was fine-tuned from; omitted for a from-scratch
-    model); ``datasets``: list of ``{name, id, licence, role, url}`` (``id`` is a Hub dataset
-    id and goes into the front matter, the rest into the body's table); ``stages``: list of
-    ``{name, description}``; ``eval``: ``{figure: value}`` headline numbers; ``notes``: text.
-    """
-    name = card.get("model_name") or "scriptorium-model"
-    datasets = list(card.get("datasets") or [])
-    meta: dict[str, Any] = {
-        "library_name": "transformers",
-        "pipeline_tag": "text-generation",
-        "license": card.get("license") or "other",
-    }
-    for key in ("license_name", "license_link"):
-        if card.get(key):
-            meta[key] = card[key]
-    if meta["license"] == "other" and "license_name" not in meta:
-        meta["license_name"] = "mixed-data-licences"
-    meta["language"] = list(card.get("language") or ["en"])
-    arch_tag = "gpt2" if cfg.arch == "gpt2" else "llama"
-    meta["tags"] = list(dict.fromkeys(["scriptorium", "from-scratch", arch_tag, "text-generation",
-                                       *(card.get("tags") or [])]))  # fmt: skip
-    hub_ids = [d["id"] for d in datasets if d.get("id")]
-    if hub_ids:
-        meta["datasets"] = list(dict.fromkeys(hub_ids))
-    if card.get("base_model"):
-        meta["base_model"] = card["base_model"]
-    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
-
-    hf_arch = "GPT2LMHeadModel" if cfg.arch == "gpt2" else "LlamaForCausalLM"
-    size = f"{n_params / 1e6:.2f}M-parameter " if n_params else ""
-    lines = [
-        f"---\n{front}---",
-        "",
-        f"# {name}",
-        "",
-        f"A {size}decoder-only language model built with "
-        "[Scriptorium](https://github.com/scriptorium-llm/scriptorium), an open-source "
-        '"LLM from scratch" factory, exported as a `transformers` '
-        f"`{hf_arch}` (no `trust_remote_code`).",
-        "",
-        "## Model",
-        "",
-        "| setting | value |",
-        "|---|---|",
-        f"| architecture | {cfg.arch} ({hf_arch}) |",
-        f"| layers / heads / kv heads | {cfg.n_layer} / {cfg.n_head} / {cfg.kv_heads} |",
-        f"| d_model / ffn_hidden | {cfg.d_model} / {cfg.ffn_hidden} |",
-        f"| context length | {cfg.context_length} |",
-        f"| vocabulary | {cfg.vocab_size} (byte-level BPE) |",
-        f"| tied embeddings | {cfg.tie_embeddings} |",
-    ]
-    if cfg.arch == "llama":
-        lines.append(f"| RoPE theta / RMSNorm eps | {cfg.rope_theta:g} / {cfg.norm_eps:g} |")
-    lines += [
-        "",
-        "## Usage",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        'tok = AutoTokenizer.from_pretrained("PATH")',
-        'model = AutoModelForCausalLM.from_pretrained("PATH")',
-        'messages = [{"role": "user", "content": "What is the capital of France?"}]',
-        'ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")',
-        "out = model.generate(ids, max_new_tokens=64)",
-        "print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))",
-        "```",
-        "",
-        "The chat template renders `<|system|>…<|end|><|user|>…<|end|><|assistant|>`; generation "
-        "stops at `<|end|>` or `<|endoftext|>` (see `generation_config.json`).",
-    ]
-    stages = list(card.get("stages") or [])
-    if stages:
-        lines += ["", "## Training stages", ""]
-        for s in stages:
-            desc = f": {s['description']}" if s.get("description") else ""
-            lines.append(f"1. **{s['name']}**{desc}")
-    if datasets:
-        lines += ["", "## Training data and licences", "", "| data | role | licence | source |",
-                  "|---|---|---|---|"]  # fmt: skip
-        for d in datasets:
-            src = d.get("id") or d.get("url") or ""
-            lines.append(f"| {_cell(d.get('name', src))} | {_cell(d.get('role', ''))} | "
-                         f"{_cell(d.get('licence', 'unknown'))} | {_cell(src)} |")  # fmt: skip
-        if any("NC" in str(d.get("licence", "")).upper().split("-") for d in datasets):
-            lines += ["", "Some training data are licensed for **non-commercial use only** "
-                      "(NC licences above): check them before any other use."]  # fmt: skip
-    lines += ["", "## Evaluation", ""]
-    figures = dict(card.get("eval") or {})
-    if figures:
-        lines += ["| figure | value |", "|---|---|"]
-        lines += [f"| {_cell(k)} | {_fmt(v)} |" for k, v in figures.items()]
-    else:
-        lines.append("No evaluation report was available when this folder was exported.")
-    if card.get("notes"):
-        lines += ["", str(card["notes"])]
-    lines += [
-        "",
-        "## Limitations",
-        "",
-        "A small research model trained on a small budget: it makes factual errors, may produce "
-        "biased or offensive text learned from old books and web-sourced instructions, and is not "
-        "suitable for any decision that matters.",
-        "",
-    ]
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------ verification

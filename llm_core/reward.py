@@ -5,7 +5,7 @@ one number. The backbone starts from the SFT weights; the head is a linear map o
 state: the ``last`` real token (the reply's closing ``<|end|>``, which under causal attention has
 seen everything), or the ``mean`` / ``max`` over the real tokens.
 
-Training (:func:`run_reward_training`) is the one :class:`~llm_core.trainer.Trainer` with
+Training (the ``reward`` stage, :mod:`llm_core.stages.reward`) is the one :class:`~llm_core.trainer.Trainer` with
 :class:`RewardObjective`: the Bradley–Terry loss ``-log σ(r_chosen − r_rejected)``
 (:func:`llm_core.objectives.bradley_terry_loss`), plus optionally ``lm_loss_weight`` times the
 next-token loss on the chosen reply, which keeps the backbone a language model while the head
@@ -31,11 +31,8 @@ import torch
 from tokenizers import Tokenizer
 from torch import Tensor, nn
 
-from llm_core.align import Preferences, prepare_pairs
 from llm_core.checkpoint import CONFIG_NAME, load_state_dict, save_weights, unwrap_model
-from llm_core.config import ModelConfig, TrainConfig
-from llm_core.data import atomic_write_bytes
-from llm_core.finetune import FinetuneRun, fit_and_save, training_session
+from llm_core.config import ModelConfig
 from llm_core.generate import chat_replies
 from llm_core.model import Transformer
 from llm_core.objectives import Metrics, bradley_terry_loss, masked_lm_loss
@@ -246,72 +243,6 @@ def make_reward_evaluator(batches: Sequence[Mapping[str, Tensor]]) -> Any:
         }
 
     return evaluator
-
-
-def run_reward_training(
-    train: Preferences,
-    val: Preferences,
-    init_weights: str | Path,
-    tokenizer_path: str | Path,
-    out_dir: str | Path,
-    train_cfg: TrainConfig,
-    *,
-    pooling: str = "last",
-    lm_loss_weight: float = 0.0,
-    callbacks: Sequence[Any] = (),
-    resume: bool = False,
-    device: str | None = None,
-) -> FinetuneRun:
-    """Train a reward model on ``train`` pairs, backbone initialised from ``init_weights``.
-
-    Writes ``model.safetensors``, ``config.json``, ``tokenizer.json``, ``checkpoints/`` and
-    ``metrics.json`` (held-out accuracy, margin and ECE before and after) into ``out_dir``.
-    """
-    out = Path(out_dir)
-    with training_session(init_weights, tokenizer_path, device or train_cfg.device) as (
-        info,
-        tok,
-        backbone,
-    ):
-        pairs = prepare_pairs(tok, train, val, train_cfg, backbone.config.context_length, info)
-        torch.manual_seed(train_cfg.seed)  # the head's init
-        model = RewardModel(backbone, pooling).to(info.device)
-        evaluator = make_reward_evaluator(pairs.val_batches) if pairs.val_batches else None
-
-        def save(m: nn.Module, o: Path) -> None:
-            save_reward_model(m, o)  # type: ignore[arg-type]
-            atomic_write_bytes(o / "tokenizer.json", Path(tokenizer_path).read_bytes())
-
-        def summary(result: Any, before: dict[str, float]) -> dict[str, Any]:
-            after = (result.eval_history or [{}])[-1]
-            return {
-                "method": "reward",
-                "pooling": pooling,
-                "lm_loss_weight": lm_loss_weight,
-                "val_accuracy_before": before.get("val_reward_accuracy"),
-                "val_accuracy": after.get("val_reward_accuracy"),
-                "val_margin": after.get("val_reward_margin"),
-                "val_ece": after.get("val_ece"),
-                "train_pairs": len(pairs.train),
-                "val_pairs": len(pairs.val),
-                "truncated": pairs.train.truncated,
-                "model_config": model.config.to_dict(),
-                "init_weights": str(init_weights),
-            }
-
-        return fit_and_save(
-            model,
-            RewardObjective(lm_loss_weight),
-            train_cfg,
-            pairs.sampler,
-            info=info,
-            out=out,
-            save=save,
-            summary=summary,
-            evaluator=evaluator,
-            callbacks=callbacks,
-            resume=resume,
-        )
 
 
 # ------------------------------------------------------------------------------ scoring

@@ -7,23 +7,21 @@ toy function of the text.
 
 GRPO (Shao et al., 2024, "DeepSeekMath") runs on the one :class:`~llm_core.trainer.Trainer`.
 The Trainer asks its sampler for a batch and its objective for a loss, and nothing in that
-contract says the objective may not generate: :class:`RolloutSampler` hands out *prompt indices*,
-and :class:`GRPOObjective` samples ``group_size`` replies per prompt from the current policy,
-scores them, normalises the rewards within each prompt's group into advantages, and returns the
-PPO-style clipped surrogate with a KL penalty to the frozen reference (the k3 estimator
-``exp(q) - q - 1`` with ``q = log ref - log pi``, unbiased and never negative). Reusing the
-Trainer keeps AdamW, the schedule, clipping, bf16, checkpoints and callbacks identical to every
-other stage. ``updates_per_rollout`` (PPO's epochs, GRPO's μ) reuses one batch of samples for
-several optimiser steps; the ratio to the sampling policy, and so the clipping, only matters then.
-The old log-probs are those of the first update's forward on the rollout (the policy that
-sampled it), so no extra forward pass is spent on them.
+contract says the objective may not generate: :class:`RolloutSampler` (a
+:class:`~llm_core.data.sampler.StepSampler`) hands out *prompt indices*, and
+:class:`llm_core.objectives.GRPOObjective` has :class:`GroupRollouts` (here) sample
+``group_size`` replies per prompt from the current policy, score them and normalise the rewards
+within each prompt's group into advantages, then returns the PPO-style clipped surrogate with a
+KL penalty to the frozen reference. Reusing the Trainer keeps AdamW, the schedule, clipping,
+bf16, checkpoints and callbacks identical to every other stage. ``updates_per_rollout`` (PPO's
+epochs, GRPO's μ) reuses one batch of samples for several optimiser steps.
 
 Resume note: rollouts live in the objective, not in checkpoints. A run resumed at a step that
 is not a multiple of ``updates_per_rollout`` regenerates its rollout with the resumed weights.
 
 Best-of-n (rejection sampling, "seed 003"): sample ``n`` replies per prompt from the SFT model,
 keep the reply the reward function likes best, and fine-tune on the winners with the SFT code
-(:func:`llm_core.finetune.run_sft`).
+(the ``sft`` stage, :mod:`llm_core.stages.best_of_n`).
 """
 
 from __future__ import annotations
@@ -42,17 +40,12 @@ import torch
 from tokenizers import Tokenizer
 from torch import Tensor, nn
 
-from llm_core.align import IndexSampler, Messages, frozen_copy
-from llm_core.checkpoint import load_weights, unwrap_model
-from llm_core.config import TrainConfig
+from llm_core.align import IndexSampler, Messages
+from llm_core.checkpoint import unwrap_model
 from llm_core.data import atomic_write_bytes
-from llm_core.finetune import FinetuneRun, fit_and_save, run_sft, save_chat_model, training_session
 from llm_core.generate import chat_prompt_ids, chat_replies, generate
-from llm_core.objectives import Metrics, _per_token_nll
-from llm_core.pretrain import write_metrics
+from llm_core.objectives import token_logps
 from llm_core.sft import ChatSpecials
-from llm_core.tokenizer import load_tokenizer
-from llm_core.trainer import TrainResult, resolve_device
 
 RewardFn = Callable[[list[Messages], list[str]], "np.ndarray | Sequence[float]"]
 
@@ -96,11 +89,14 @@ class GRPOConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-class RolloutSampler:
+class RolloutSampler(IndexSampler):
     """Prompt indices for GRPO: micro-batch ``m`` of optimiser step ``u`` gets rollout
     ``(u // updates_per_rollout) * grad_accum + m``, whose prompts are global batch number
-    ``rollout`` of an :class:`~llm_core.align.IndexSampler`. The same rollout id therefore
-    comes back for ``updates_per_rollout`` consecutive steps."""
+    ``rollout`` of the underlying :class:`~llm_core.align.IndexSampler`. The same rollout id
+    therefore comes back for ``updates_per_rollout`` consecutive steps; ``step`` counts
+    micro-batches."""
+
+    KIND = "rollout"
 
     def __init__(
         self,
@@ -113,35 +109,32 @@ class RolloutSampler:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        self.index = IndexSampler(
-            n_prompts, prompts_per_step, lambda i: i, seed=seed, rank=rank, world_size=world_size
+        super().__init__(
+            n_prompts,
+            prompts_per_step,
+            torch.from_numpy,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
         )
         self.mu, self.accum = int(updates_per_rollout), int(grad_accum)
-        self.calls = 0
 
     def rollout_id(self, call: int) -> int:
         return (call // (self.accum * self.mu)) * self.accum + call % self.accum
 
-    def next_batch(self) -> dict[str, Tensor]:
-        """``prompt_index`` of this micro-batch, its ``rollout`` id, and ``keep_from``: the first
-        rollout id still to be reused (older rollouts can be forgotten)."""
-        rid = self.rollout_id(self.calls)
-        first = self.rollout_id(self.calls - self.calls % (self.accum * self.mu))
-        self.calls += 1
+    def batch(self, step: int) -> dict[str, Tensor]:
+        """``prompt_index`` of micro-batch ``step``, its ``rollout`` id, and ``keep_from``: the
+        first rollout id still to be reused (older rollouts can be forgotten)."""
+        rid = self.rollout_id(step)
+        first = self.rollout_id(step - step % (self.accum * self.mu))
         return {
-            "prompt_index": torch.from_numpy(self.index.local_indices(rid)),
+            "prompt_index": self.collate(self.local_indices(rid)),
             "rollout": torch.tensor(rid),
             "keep_from": torch.tensor(first),
         }
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**self.index.state_dict(), "step": self.calls, "mu": self.mu, "accum": self.accum}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.index.load_state_dict(state)
-        if (state.get("mu"), state.get("accum")) != (self.mu, self.accum):
-            raise ValueError("rollout sampler state mismatch on updates_per_rollout/grad_accum")
-        self.calls = int(state["step"])
+    def geometry(self) -> dict[str, Any]:
+        return {**super().geometry(), "mu": self.mu, "accum": self.accum}
 
 
 @dataclass
@@ -166,15 +159,11 @@ def group_advantages(rewards: np.ndarray, group_size: int, eps: float = 1e-6) ->
     return adv.reshape(-1)
 
 
-def token_logps(model: nn.Module, ids: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
-    """``log p(target)`` per position [N, W] in float32 (0 where ``mask`` is false)."""
-    nll = _per_token_nll(model(ids), targets.masked_fill(~mask, 0), ignore_index=-100)
-    return -nll * mask
-
-
-class GRPOObjective:
-    """Samples, scores and scores again: see the module docstring. ``history`` keeps one entry
-    per rollout (mean reward, reply length) for the run summary."""
+class GroupRollouts:
+    """The sampling half of GRPO: ``group_size`` replies to each prompt from the current policy,
+    their rewards, group-normalised advantages and the reference's log-probs. ``history`` keeps
+    one entry per rollout (mean reward, reply length) for the run summary. The loss over a
+    rollout is :class:`llm_core.objectives.GRPOObjective`'s."""
 
     def __init__(
         self,
@@ -195,10 +184,9 @@ class GRPOObjective:
             raise ValueError(f"max_new_tokens={cfg.max_new_tokens} leaves no room in context {ctx}")
         self.prompt_ids = chat_prompt_ids(tokenizer, self.prompts, ctx - cfg.max_new_tokens)
         self.history: list[dict[str, float]] = []
-        self._cache: dict[int, Rollout] = {}  # the rollouts of the current optimiser steps
 
     @torch.no_grad()
-    def rollout(self, policy: nn.Module, index: Sequence[int], rollout_id: int) -> Rollout:
+    def sample(self, policy: nn.Module, index: Sequence[int], rollout_id: int) -> Rollout:
         """Sample ``group_size`` replies to each prompt of ``index`` and score them."""
         k = self.cfg.group_size
         rows = [self.prompt_ids[i] for i in index for _ in range(k)]
@@ -244,41 +232,6 @@ class GRPOObjective:
             ref_logps=ref,
         )
 
-    def __call__(self, model: nn.Module, batch: Mapping[str, Tensor]) -> tuple[Tensor, Metrics]:
-        rid = int(batch["rollout"])
-        keep_from = int(batch.get("keep_from", rid))
-        self._cache = {k: v for k, v in self._cache.items() if k >= keep_from}
-        if rid not in self._cache:
-            index = batch["prompt_index"].tolist()
-            self._cache[rid] = self.rollout(unwrap_model(model), index, rid)
-        ro = self._cache[rid]
-        logp = token_logps(model, ro.ids, ro.targets, ro.mask)
-        if ro.old_logps is None:
-            ro.old_logps = logp.detach()
-        m = ro.mask.float()
-        # Log-ratios are clamped at ±20 only so a token the policy has all but abandoned cannot
-        # overflow exp() in float32; within that range the loss is the textbook one.
-        ratio = torch.exp((logp - ro.old_logps).clamp(-20.0, 20.0))
-        adv = ro.advantages[:, None]
-        eps = self.cfg.clip_eps
-        surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
-        q = (ro.ref_logps - logp).clamp(-20.0, 20.0)
-        kl = torch.exp(q) - q - 1  # k3: an unbiased, non-negative estimate of KL(pi || ref)
-        per_token = -(surrogate - self.cfg.kl_coef * kl) * m
-        tokens = m.sum(dim=1).clamp_min(1.0)
-        loss = (per_token.sum(dim=1) / tokens).mean()  # each reply weighs the same (GRPO)
-        clipped = ((ratio - 1).abs() > eps).float()
-        n_tok = m.sum().clamp_min(1.0)
-        return loss, {
-            "loss": loss.detach(),
-            "reward_mean": ro.rewards.mean(),
-            "reward_std": ro.rewards.std(unbiased=False),
-            "kl": ((kl * m).sum() / n_tok).detach(),
-            "reply_len": tokens.mean(),
-            "clip_frac": (clipped * m).sum() / n_tok,
-            "tokens": torch.tensor(ro.ids.numel()),  # what the trainer counts as tokens seen
-        }
-
 
 def make_policy_reward_evaluator(
     tokenizer: Tokenizer,
@@ -303,91 +256,13 @@ def make_policy_reward_evaluator(
     return evaluator
 
 
-def _window_mean(history: Sequence[Mapping[str, float]], key: str, last: bool) -> float | None:
+def window_mean(history: Sequence[Mapping[str, float]], key: str, last: bool) -> float | None:
     """Mean of ``key`` over the first (or last) tenth of the rollouts, at least one."""
     if not history:
         return None
     n = max(1, len(history) // 10)
     part = history[-n:] if last else history[:n]
     return float(np.mean([h[key] for h in part]))
-
-
-def run_grpo(
-    train_prompts: Sequence[Messages],
-    val_prompts: Sequence[Messages],
-    init_weights: str | Path,
-    tokenizer_path: str | Path,
-    out_dir: str | Path,
-    train_cfg: TrainConfig,
-    reward_fn: RewardFn,
-    grpo: GRPOConfig,
-    *,
-    callbacks: Sequence[Any] = (),
-    resume: bool = False,
-    device: str | None = None,
-) -> FinetuneRun:
-    """GRPO of the model in ``init_weights`` against ``reward_fn`` on ``train_prompts``.
-
-    The frozen reference is the starting model. ``val_prompts`` (the first
-    ``grpo.eval_prompts``) are answered greedily before and after for ``val_reward``. Writes the
-    policy (``model.safetensors``, ``config.json``, ``tokenizer.json``), ``checkpoints/`` and
-    ``metrics.json`` (``method: grpo``) into ``out_dir``.
-    """
-    if not train_prompts:
-        raise ValueError("run_grpo: no training prompts")
-    out = Path(out_dir)
-    with training_session(init_weights, tokenizer_path, device or train_cfg.device) as (
-        info,
-        tok,
-        model,
-    ):
-        objective = GRPOObjective(
-            frozen_copy(model), tok, train_prompts, reward_fn, grpo, seed=train_cfg.seed
-        )
-        sampler = RolloutSampler(
-            len(train_prompts),
-            grpo.prompts_per_step,
-            updates_per_rollout=grpo.updates_per_rollout,
-            grad_accum=train_cfg.grad_accum,
-            seed=train_cfg.seed,
-            rank=info.rank,
-            world_size=info.world_size,
-        )
-        held_out = list(val_prompts)[: grpo.eval_prompts]
-        evaluator = None
-        if held_out:
-            evaluator = make_policy_reward_evaluator(tok, held_out, reward_fn, grpo.max_new_tokens)
-
-        def summary(result: TrainResult, before: dict[str, float]) -> dict[str, Any]:
-            hist = objective.history
-            return {
-                "method": "grpo",
-                "grpo": dataclasses.asdict(grpo),
-                "reward_first": _window_mean(hist, "reward_mean", last=False),
-                "reward_last": _window_mean(hist, "reward_mean", last=True),
-                "reply_len_last": _window_mean(hist, "reply_len", last=True),
-                "kl_last": result.final_metrics.get("kl"),
-                "val_reward_before": before.get("val_reward"),
-                "val_reward_after": (result.eval_history or [{}])[-1].get("val_reward"),
-                "rollouts": hist,
-                "train_prompts": len(train_prompts),
-                "model_config": model.config.to_dict(),
-                "init_weights": str(init_weights),
-            }
-
-        return fit_and_save(
-            model,
-            objective,
-            train_cfg,
-            sampler,
-            info=info,
-            out=out,
-            save=lambda m, o: save_chat_model(m, o, tokenizer_path),
-            summary=summary,
-            evaluator=evaluator,
-            callbacks=callbacks,
-            resume=resume,
-        )
 
 
 # ------------------------------------------------------------------------------ best-of-n
@@ -450,83 +325,9 @@ def sample_best_of_n(
     return BestOfN(prompts, candidates, rewards)
 
 
-def _write_conversations(path: Path, conversations: list[Messages]) -> None:
+def write_conversations(path: Path, conversations: list[Messages]) -> None:
     """A ``messages`` parquet file (the SFT mixture's layout), written atomically."""
     table = pa.table({"messages": conversations})
     buf = io.BytesIO()
     pq.write_table(table, buf)
     atomic_write_bytes(path, buf.getvalue())
-
-
-def run_best_of_n(
-    train_prompts: Sequence[Messages],
-    val_prompts: Sequence[Messages],
-    init_weights: str | Path,
-    tokenizer_path: str | Path,
-    out_dir: str | Path,
-    train_cfg: TrainConfig,
-    reward_fn: RewardFn,
-    *,
-    n: int,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    callbacks: Sequence[Any] = (),
-    resume: bool = False,
-    device: str | None = None,
-) -> FinetuneRun:
-    """Rejection sampling, then SFT on the winners.
-
-    The model in ``init_weights`` answers every prompt ``n`` times; the winners become
-    ``out_dir/best_of_n/{train,val}.parquet`` (``messages`` rows) and
-    :func:`llm_core.finetune.run_sft` fine-tunes the same model on them. ``metrics.json`` holds
-    the SFT summary plus ``method: best_of_n`` and the rewards of the samples and the winners.
-    """
-    out = Path(out_dir)
-    tok = load_tokenizer(tokenizer_path)
-    policy = load_weights(init_weights, device=resolve_device(device or train_cfg.device)).eval()
-    picks = {}
-    for split, prompts, seed in (("train", train_prompts, 0), ("val", val_prompts, 1)):
-        picks[split] = sample_best_of_n(
-            policy,
-            tok,
-            prompts,
-            reward_fn,
-            n=n,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            seed=train_cfg.seed * 2 + seed,
-        )
-        _write_conversations(out / "best_of_n" / f"{split}.parquet", picks[split].conversations())
-    del policy
-    if not picks["train"].conversations():
-        raise ValueError("best-of-n: every winning reply is empty; nothing to fine-tune on")
-    run = run_sft(
-        out / "best_of_n" / "train.parquet",
-        out / "best_of_n" / "val.parquet",
-        init_weights,
-        tokenizer_path,
-        out,
-        train_cfg,
-        packing=bool(train_cfg.extra.get("packing", True)),
-        callbacks=callbacks,
-        resume=resume,
-        device=device,
-    )
-    summary = run.summary
-    if summary:
-        t = picks["train"]
-        best = t.rewards[np.arange(len(t.prompts)), t.best] if len(t.prompts) else np.zeros(0)
-        summary = {
-            **summary,
-            "method": "best_of_n",
-            "n": n,
-            "train_prompts": len(t.prompts),
-            "winners": len(t.conversations()),
-            "empty_winners": len(t.prompts) - len(t.conversations()),
-            "sample_reward_mean": float(t.rewards.mean()) if t.rewards.size else None,
-            "winner_reward_mean": float(best.mean()) if best.size else None,
-        }
-        write_metrics(out, summary)
-    return FinetuneRun(run.result, summary)

@@ -15,9 +15,10 @@ Batches come in two layouts, picked by ``packing``:
 * padded: one conversation per row, right-padded to the longest row of the batch; the model runs
   its plain causal path.
 
-Like :class:`llm_core.data.RandomWindowSampler`, the sampler is step-indexed: batch ``k`` is a
-pure function of ``(seed, k)``, so its state is a counter and a resumed run sees exactly the
-batches an unbroken run would.
+:class:`SFTSampler` is a :class:`~llm_core.data.sampler.StepSampler` like every training
+sampler: batch ``k`` is a pure function of ``(seed, k)``, so its state is a counter and a resumed
+run sees exactly the batches an unbroken run would. The loss is
+:class:`llm_core.objectives.SFTObjective`; this module holds the data side and the evaluation.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ import torch.distributed as dist
 from tokenizers import Tokenizer
 from torch import nn
 
-from llm_core.objectives import Metrics, _per_token_nll, masked_lm_loss
+from llm_core.data.sampler import StepSampler, rank_slice
+from llm_core.objectives import forward_logits, per_token_nll
 from llm_core.tokenizer import ASSISTANT, END, EOT, PAD, ROLE_TOKENS, SYSTEM, USER
 
 Message = Mapping[str, str]
@@ -332,14 +334,7 @@ def _check_fits(data: ChatDataset, seq_len: int) -> None:
         )
 
 
-def _rank_slice(global_batch: int, rank: int, world_size: int) -> slice:
-    if world_size < 1 or not 0 <= rank < world_size or global_batch % world_size:
-        raise ValueError(f"batch {global_batch} cannot be split for rank {rank}/{world_size}")
-    per = global_batch // world_size
-    return slice(rank * per, (rank + 1) * per)
-
-
-class SFTSampler:
+class SFTSampler(StepSampler):
     """Seeded, resumable batches of conversations, packed or padded.
 
     Each epoch shuffles the conversations with its own permutation (``rng([seed, epoch])``) and
@@ -347,6 +342,8 @@ class SFTSampler:
     epochs. Rank ``r`` takes its slice of every global batch, so the data per optimiser step does
     not depend on the number of processes.
     """
+
+    KIND = "sft"
 
     def __init__(
         self,
@@ -365,13 +362,12 @@ class SFTSampler:
         if global_batch_size <= 0 or seq_len <= 0:
             raise ValueError("global_batch_size and seq_len must be positive")
         _check_fits(data, seq_len)
+        super().__init__(global_batch_size, seed=seed, rank=rank, world_size=world_size)
         self.data, self.seq_len, self.pad_id = data, int(seq_len), int(pad_id)
-        self.global_batch_size, self.packing, self.seed = int(global_batch_size), packing, int(seed)
-        self._slice = _rank_slice(self.global_batch_size, rank, world_size)
+        self.packing = packing
         self._lengths = data.lengths()
         self._row_starts = [0]  # global index of each planned epoch's first row (+ one past)
         self._plans: dict[int, list[tuple[int, ...]]] = {}
-        self.step = 0
 
     def _plan(self, epoch: int) -> list[tuple[int, ...]]:
         """Rows of ``epoch``; only the last two planned epochs are kept in memory."""
@@ -394,35 +390,18 @@ class SFTSampler:
         b = self.global_batch_size
         return [self._row(r) for r in range(step * b, (step + 1) * b)]
 
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        rows = self.rows(self.step)[self._slice]
-        self.step += 1
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        rows = self.local(self.rows(step))
         return collate(self.data, rows, self.seq_len, self.pad_id, packing=self.packing)
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        while True:
-            yield self.next_batch()
-
-    def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable position plus the geometry a resume must match."""
+    def geometry(self) -> dict[str, Any]:
         return {
-            "step": self.step,
-            "seed": self.seed,
-            "global_batch_size": self.global_batch_size,
+            **super().geometry(),
             "seq_len": self.seq_len,
             "packing": self.packing,
             "conversations": len(self.data),
             "tokens": int(self.data.offsets[-1]),
         }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        mine = self.state_dict()
-        for key in ("seed", "global_batch_size", "seq_len", "packing", "conversations", "tokens"):
-            if state.get(key) != mine[key]:
-                raise ValueError(
-                    f"SFT sampler state mismatch on {key}: saved {state.get(key)}, now {mine[key]}"
-                )
-        self.step = int(state["step"])
 
 
 class SFTEvalBatches:
@@ -447,7 +426,7 @@ class SFTEvalBatches:
         b = int(global_batch_size)
         self.batches = [rows[i : i + b] for i in range(0, len(rows), b)][:max_batches]
         self.data, self.seq_len, self.pad_id, self.packing = data, seq_len, pad_id, packing
-        self._slice = _rank_slice(b, rank, world_size)
+        self._slice = rank_slice(b, rank, world_size)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -459,30 +438,7 @@ class SFTEvalBatches:
                 yield collate(self.data, mine, self.seq_len, self.pad_id, packing=self.packing)
 
 
-# ------------------------------------------------------------------------------ objective
-def _forward(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    doc_ids = batch.get("doc_ids")
-    if doc_ids is None:
-        return model(batch["input_ids"])
-    return model(batch["input_ids"], doc_ids=doc_ids)
-
-
-class SFTObjective:
-    """Next-token loss on assistant tokens only (``masked_lm_loss``), packed or padded batches.
-
-    ``supervised_frac`` (share of target positions that carry loss) is reported so a run whose
-    batches are mostly prompt or padding is visible in the logs.
-    """
-
-    def __call__(
-        self, model: nn.Module, batch: Mapping[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, Metrics]:
-        logits = _forward(model, batch)
-        mask = batch["loss_mask"]
-        loss = masked_lm_loss(logits, batch["targets"], mask)
-        return loss, {"loss": loss.detach(), "supervised_frac": mask.float().mean()}
-
-
+# ------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
 def evaluate_sft(
     model: nn.Module, batches: SFTEvalBatches, *, device: torch.device | None = None
@@ -499,9 +455,9 @@ def evaluate_sft(
     try:
         for batch in batches:
             batch = {k: v.to(dev) for k, v in batch.items()}
-            logits = _forward(model, batch)
+            logits = forward_logits(model, batch)
             mask = batch["loss_mask"]
-            nll = _per_token_nll(logits, batch["targets"].masked_fill(~mask, 0), -100)
+            nll = per_token_nll(logits, batch["targets"].masked_fill(~mask, 0), -100)
             total[0] += (nll * mask).double().sum()
             total[1] += mask.sum()
     finally:

@@ -1,9 +1,9 @@
 """Plain-MLflow experiment tracking for training runs.
 
-The pipeline wraps this in a Dagster resource; ``llm_core.pretrain`` uses it directly from the
-command line. Everything goes through an explicit ``MlflowClient`` bound to one tracking URI
-rather than MLflow's process-global "active run", so two trackers (or a test and the code under
-test) never write into each other's runs.
+:func:`llm_core.stages.base.execute` is the one caller that writes a stage's run; the pipeline's
+evaluation child uses it for the evaluation run. Everything goes through an explicit
+``MlflowClient`` bound to one tracking URI rather than MLflow's process-global "active run", so
+two trackers (or a test and the code under test) never write into each other's runs.
 
 MLflow is imported lazily: ``import llm_core.trainer`` must stay cheap for ``torchrun`` workers
 that never log anything.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -60,14 +59,9 @@ _MAX_PARAM_LEN = 6000  # MLflow's limit on a parameter value
 _BATCH = 100  # MLflow's limit on params per log_batch call
 
 
-def data_root() -> Path:
-    """``$SCRIPTORIUM_DATA`` or ``./data``: where runtime state (the MLflow DB included) lives."""
-    return Path(os.environ.get("SCRIPTORIUM_DATA", "data")).resolve()
-
-
-def default_tracking_uri(root: str | Path | None = None) -> str:
+def default_tracking_uri(root: str | Path) -> str:
     """``sqlite:///<data_root>/mlflow.db``. MLflow 3 refuses a bare ``./mlruns`` file store."""
-    base = Path(root).resolve() if root is not None else data_root()
+    base = Path(root).resolve()
     base.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{base / 'mlflow.db'}"
 
@@ -90,14 +84,14 @@ class MlflowTracker:
 
     def __init__(
         self,
-        tracking_uri: str | None = None,
+        tracking_uri: str,
         experiment: str = "scriptorium",
         *,
         artifact_location: str | None = None,
     ) -> None:
         from mlflow import MlflowClient
 
-        self.tracking_uri = tracking_uri or default_tracking_uri()
+        self.tracking_uri = tracking_uri
         self.client: MlflowClient = MlflowClient(tracking_uri=self.tracking_uri)
         self.experiment_name = experiment
         exp = self.client.get_experiment_by_name(experiment)

@@ -1,6 +1,5 @@
 """Asset checks: each reads the artefact from disk and tests one promise the asset makes."""
 
-
 import dagster as dg
 import numpy as np
 import polars as pl
@@ -27,8 +26,10 @@ def no_boilerplate_left(paths: Paths) -> dg.AssetCheckResult:
                 offenders[book_id] = hits[:3]
     return dg.AssetCheckResult(
         passed=not offenders,
-        metadata={"books_with_boilerplate": len(offenders), "examples": dg.MetadataValue.json(
-            {str(k): v for k, v in list(offenders.items())[:10]})},
+        metadata={
+            "books_with_boilerplate": len(offenders),
+            "examples": dg.MetadataValue.json({str(k): v for k, v in list(offenders.items())[:10]}),
+        },
     )
 
 
@@ -86,7 +87,11 @@ def shards_valid(paths: Paths, profile: Profile) -> dg.AssetCheckResult:
         bad.append("val split has no book")
     return dg.AssetCheckResult(
         passed=not bad,
-        metadata={"shards": len(manifest["shards"]), "max_id": max_id, "problems": dg.MetadataValue.json(bad)},
+        metadata={
+            "shards": len(manifest["shards"]),
+            "max_id": max_id,
+            "problems": dg.MetadataValue.json(bad),
+        },
     )
 
 

@@ -89,13 +89,10 @@ def _add_mirror(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
 
 def _resolve_tokenizer(weights: Path, explicit: str | None) -> Path:
     """The tokenizer beside the weights, else the data root's ``bpe_tokenizer`` artefact."""
-    import os
+    from pipeline.artefacts import Artefacts, data_root
 
     candidates = [Path(explicit)] if explicit else []
-    candidates += [
-        weights / "tokenizer.json",
-        Path(os.environ.get("SCRIPTORIUM_DATA", "data")) / "bpe_tokenizer" / "tokenizer.json",
-    ]
+    candidates += [weights / "tokenizer.json", Artefacts(data_root()).tokenizer]
     for c in candidates:
         if c.exists():
             return c
@@ -269,12 +266,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from pipeline.model_card import STAGE_NAMES, card_info, stage_of
 
     weights = Path(args.weights)
-    data_root = Path(os.environ.get("SCRIPTORIUM_DATA", "data"))
+    from pipeline.artefacts import data_root
+
     stage = {name: key for key, name in STAGE_NAMES.items()}
     try:
         tokenizer = _resolve_tokenizer(weights, args.tokenizer)
         card = card_info(
-            data_root,
+            data_root(),
             stage[args.stage] if args.stage else stage_of(weights.resolve()),
             profile_name=os.environ.get("SCRIPTORIUM_PROFILE"),
             base_model=args.base_model,
@@ -313,7 +311,8 @@ def _cmd_import(args: argparse.Namespace) -> int:
     from tokenizers import Tokenizer
 
     from llm_core.checkpoint import save_weights
-    from llm_core.interop import add_chat_tokens, load_hf_model
+    from llm_core.hf_tokenizer import add_chat_tokens
+    from llm_core.interop import load_hf_model
     from pipeline.io import atomic_write_text
 
     src, out = Path(args.hf), Path(args.out)
@@ -351,7 +350,71 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chat(subparsers)
     _add_export(subparsers)
     _add_import(subparsers)
+    _add_train(subparsers)
     return parser
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    """Run one training stage without Dagster, on the artefacts under ``$SCRIPTORIUM_DATA``."""
+    import json
+    import os
+
+    from llm_core.config import load_profile
+    from llm_core.stages import stage_module
+    from llm_core.stages.base import Markdown, Tracking, execute, json_safe
+    from pipeline.artefacts import Artefacts, data_root
+
+    root = data_root()
+    stage = stage_module(args.stage)
+    try:
+        profile = load_profile(args.profile)
+        init = Path(args.init_weights) if args.init_weights else None
+        config = stage.Config.from_profile(
+            profile,
+            Artefacts(root).stage_inputs(args.stage, init_weights=init),
+            out_dir=Path(args.out or Path("out") / args.stage),
+            steps=args.steps,
+            device=args.device,
+            resume=args.resume,
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"scriptorium train {args.stage}: {exc}", file=sys.stderr)
+        return 2
+    tracking = None
+    if not args.no_mlflow:
+        tracking = Tracking(
+            uri=os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}",
+            run_name=f"{args.stage}-{config.profile}-cli",
+            tags={
+                "scriptorium.stage": args.stage,
+                "scriptorium.profile": config.profile,
+                "scriptorium.launcher": "scriptorium train",
+            },  # fmt: skip
+            registered_model=args.register_model,
+        )
+    result, tracked = execute(stage, config, tracking, log_line=print)
+    shown = {k: v for k, v in result.headline().items() if not isinstance(v, Markdown)}
+    shown["mlflow_run_id"] = tracked.run_id if tracked else None
+    print(json.dumps(json_safe({"stage": args.stage, "out": str(config.out_dir), **shown})))
+    return 0
+
+
+def _add_train(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from llm_core.stages import STAGES
+
+    train = subparsers.add_parser(
+        "train", help="run one training stage (no Dagster) on the artefacts of $SCRIPTORIUM_DATA"
+    )
+    train.add_argument("stage", choices=STAGES, metavar="STAGE", help=" | ".join(STAGES))
+    train.add_argument("--profile", default=None, help="profile name or YAML (default: env)")
+    train.add_argument("--out", default=None, help="output folder (default: out/STAGE)")
+    train.add_argument("--steps", type=int, default=0, help="override the profile's steps")
+    train.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
+    train.add_argument("--resume", action="store_true", help="continue from --out's checkpoints")
+    train.add_argument("--init-weights", default=None, help="sft: start from this folder")
+    train.add_argument("--register-model", default=None, help="register the weights in MLflow")
+    train.add_argument("--no-mlflow", action="store_true", help="do not track the run")
+    train.set_defaults(func=_cmd_train)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """What the exported model card says: training data and licences, stages, evaluation figures.
 
-:func:`llm_core.interop.render_model_card` formats a card from a plain dict; this module fills
+:func:`llm_core.hf_card.render_model_card` formats a card from a plain dict; this module fills
 that dict from the project's own records, so the card states what the artefacts actually are:
 the data configs (``configs/sft_sources.yaml``, ``configs/preference_sources.yaml`` when present),
 each stage's ``metrics.json`` under the data root, and the headline figures of
@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from llm_core.config import configs_dir
+from pipeline.artefacts import Artefacts
 from pipeline.eval.report import headline
 
 # Weights folder (asset key) -> the stage that produced it; each stage includes the ones before.
@@ -93,11 +94,11 @@ def eval_figures(report: Mapping[str, Any]) -> dict[str, float]:
     }
 
 
-def _stage_rows(data_root: Path, stage: str) -> list[dict[str, str]]:
+def _stage_rows(files: Artefacts, stage: str) -> list[dict[str, str]]:
     """One row per stage up to ``stage``, with what its ``metrics.json`` says about the run."""
     rows = []
     for s in STAGES[: STAGES.index(stage) + 1]:
-        m = _json(data_root / s / "metrics.json")
+        m = _json(files.metrics(s))
         steps = f" ({m['steps']} steps)" if m.get("steps") else ""
         if s == "pretrained_weights":
             text = f"next-token prediction on Project Gutenberg books{steps}"
@@ -125,13 +126,14 @@ def card_info(
     default licence is conservative: ``cc-by-nc-4.0`` when any training source is
     non-commercial, else ``other`` (see the data table), unless ``licence`` is given.
     """
+    files = Artefacts(data_root)
     datasets: list[dict[str, str]] = []
     stages: list[dict[str, str]] = []
     if stage is not None:
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; expected one of {list(STAGES)}")
-        stages = _stage_rows(data_root, stage)
-        books = data_root / "cleaned_books" / "books.parquet"
+        stages = _stage_rows(files, stage)
+        books = files.books
         n_books = pq.ParquetFile(books).metadata.num_rows if books.is_file() else None
         gutenberg = dict(GUTENBERG)
         if n_books:
@@ -139,11 +141,10 @@ def card_info(
         datasets.append(gutenberg)
         if STAGES.index(stage) >= 1:
             sft = data_sources(configs_dir() / "sft_sources.yaml", "sft")
-            datasets += with_mixture_counts(sft, _json(data_root / "sft_mixture" / "stats.json"))
+            datasets += with_mixture_counts(sft, _json(files.mixture_stats))
         if STAGES.index(stage) >= 2:
             datasets += data_sources(configs_dir() / "preference_sources.yaml", "preference")
-    report = data_root / "evaluation_report" / "report.json"
-    figures = eval_figures(_json(report))
+    figures = eval_figures(_json(files.report))
     non_commercial = any("NC" in d["licence"].upper().split("-") for d in datasets)
     name = "-".join(p for p in ("scriptorium", profile_name, STAGE_NAMES.get(stage or "")) if p)
     card: dict[str, Any] = {

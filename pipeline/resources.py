@@ -7,6 +7,8 @@ code location loads (``resources_from_env``), never from module-level globals.
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import json
 import os
@@ -20,8 +22,10 @@ from llm_core.config import (
     TrainConfig,
     load_profile,
     model_config_from_profile,
+    profile_path,
     train_config_from_profile,
 )
+from pipeline.artefacts import Artefacts, data_root
 
 GUTENBERG_DEFAULT = "https://www.gutenberg.org"
 USER_AGENT = "Scriptorium/0.1 (+https://github.com/scriptorium-llm/scriptorium)"
@@ -47,10 +51,16 @@ class Paths(dg.ConfigurableResource):
 
     def require(self, key: str, filename: str) -> Path:
         """An upstream artefact, with an error that says which asset to materialise first."""
-        p = self.asset_dir(key, create=False) / filename
-        if not p.exists():
-            raise FileNotFoundError(f"{p} is missing: materialise the `{key}` asset first")
-        return p
+        return self.artefacts().require(key, filename)
+
+    def artefacts(self) -> Artefacts:
+        """The file names under this root (:mod:`pipeline.artefacts`)."""
+        return Artefacts(self.root())
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed_profile(name: str, stamp: int) -> dict[str, Any]:
+    return load_profile(name)
 
 
 class Profile(dg.ConfigurableResource):
@@ -59,7 +69,10 @@ class Profile(dg.ConfigurableResource):
     name: str
 
     def load(self) -> dict[str, Any]:
-        return load_profile(self.name)
+        """The profile, parsed once per process (a copy, so callers may change it)."""
+        path = profile_path(self.name)
+        stamp = path.stat().st_mtime_ns if path.exists() else 0  # an edit is read again
+        return copy.deepcopy(_parsed_profile(self.name, stamp))
 
     def section(self, key: str) -> dict[str, Any]:
         return dict(self.load().get(key) or {})
@@ -134,7 +147,7 @@ def resources_from_env(env: dict[str, str] | None = None) -> dict[str, Any]:
     """Build the resource set from the documented environment variables."""
     env = dict(os.environ if env is None else env)
     return {
-        "paths": Paths(data_root=env.get("SCRIPTORIUM_DATA", "./data")),
+        "paths": Paths(data_root=str(data_root(env))),
         "profile": Profile(name=env.get("SCRIPTORIUM_PROFILE", "demo")),
         "gutenberg": GutenbergSource(base_url=env.get("GUTENBERG_MIRROR") or GUTENBERG_DEFAULT),
         "mlflow": MlflowTracking(tracking_uri=env.get("MLFLOW_TRACKING_URI", "")),
@@ -143,6 +156,7 @@ def resources_from_env(env: dict[str, str] | None = None) -> dict[str, Any]:
             token=dg.EnvVar("HF_TOKEN") if env.get("HF_TOKEN") else None,
             files_mirror=env.get("SCRIPTORIUM_FILES_MIRROR", ""),
         ),
+        "pipes": dg.PipesSubprocessClient(),
         "compute": Compute(
             device=env.get("SCRIPTORIUM_DEVICE", "auto"),
             nproc_per_node=int(env.get("SCRIPTORIUM_NPROC", "1")),

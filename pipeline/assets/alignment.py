@@ -1,7 +1,7 @@
 """Alignment: ``preference_pairs`` + ``sft_weights`` -> ``reward_model`` -> ``rlhf_weights``.
 
-Both assets train in a Pipes subprocess (``pipeline.train_child``) in the ``train`` pool, like
-``sft_weights``, through the shared :func:`pipeline.assets.pretrain.launch_training`:
+Both assets run an :mod:`llm_core.stages` stage in the ``train`` pool, like ``sft_weights``,
+through :func:`pipeline.launch.launch_stage`:
 
 * ``reward_model``: the SFT model's transformer plus a scalar head, Bradley–Terry on the pairs
   (stage ``reward``, profile section ``reward_train``); metadata: held-out pairwise accuracy,
@@ -13,10 +13,12 @@ Both assets train in a Pipes subprocess (``pipeline.train_child``) in the ``trai
   over the SFT model on held-out prompts. Registered as ``scriptorium-rlhf``.
 """
 
+from collections.abc import Iterator
+from typing import Any
+
 import dagster as dg
 
-from pipeline.assets.pretrain import launch_training
-from pipeline.assets.sft import chat_tokenizer
+from pipeline.launch import StageResources, launch_training
 from pipeline.resources import Compute, MlflowTracking, Paths, Profile, profile_code_version
 
 GROUP = "training"  # the train_job runs every training stage, one at a time (pool)
@@ -41,11 +43,6 @@ class RLHFConfig(dg.Config):
     steps: int = 0  # 0 keeps the profile's steps for the method
 
 
-def _pairs(paths: Paths) -> dict[str, str]:
-    pairs = paths.require("preference_pairs", "train.parquet").parent
-    return {"train_path": str(pairs / "train.parquet"), "val_path": str(pairs / "val.parquet")}
-
-
 @dg.asset(
     group_name=GROUP,
     code_version=profile_code_version(CODE_VERSION, "reward_train", "seed"),
@@ -64,26 +61,19 @@ def reward_model(
     profile: Profile,
     mlflow: MlflowTracking,
     compute: Compute,
-) -> dg.MaterializeResult:
+    pipes: dg.PipesSubprocessClient,
+) -> Iterator[Any]:
     """A reward model (SFT backbone + scalar head) trained on the preference pairs."""
-    return launch_training(
+    yield from launch_training(
         context,
-        stage="reward",
+        "reward",
+        inputs=paths.artefacts().stage_inputs("reward"),
         out=paths.asset_dir("reward_model"),
+        run=config,
         upstream_keys=["preference_pairs", "sft_weights", "bpe_tokenizer"],
+        version_parts=[profile.load().get("reward_train")],
         registered_model=REWARD_MODEL,
-        version_parts=[profile.load().get("reward_train"), config.steps],
-        inputs={
-            **_pairs(paths),
-            "init_weights": str(paths.require("sft_weights", "model.safetensors").parent),
-            "tokenizer": str(chat_tokenizer(paths)),
-        },
-        profile=profile,
-        paths=paths,
-        mlflow=mlflow,
-        compute=compute,
-        resume=config.resume,
-        steps=config.steps,
+        resources=StageResources(paths, profile, mlflow, compute, pipes),
     )
 
 
@@ -114,28 +104,19 @@ def rlhf_weights(
     profile: Profile,
     mlflow: MlflowTracking,
     compute: Compute,
-) -> dg.MaterializeResult:
+    pipes: dg.PipesSubprocessClient,
+) -> Iterator[Any]:
     """The aligned chat model: ``sft_weights`` after DPO, GRPO or best-of-n."""
     method = rlhf_method(config, profile)
     context.log.info(f"aligning sft_weights with {method}")
-    return launch_training(
+    yield from launch_training(
         context,
-        stage=method,
+        method,
+        inputs=paths.artefacts().stage_inputs(method),
         out=paths.asset_dir("rlhf_weights"),
+        run=config,
         upstream_keys=["preference_pairs", "sft_weights", "reward_model", "bpe_tokenizer"],
+        version_parts=[method, profile.load().get("rlhf")],
         registered_model=RLHF_MODEL,
-        version_parts=[method, profile.load().get("rlhf"), config.steps],
-        inputs={
-            **_pairs(paths),
-            "init_weights": str(paths.require("sft_weights", "model.safetensors").parent),
-            "reward_model": str(paths.require("reward_model", "model.safetensors").parent),
-            "tokenizer": str(chat_tokenizer(paths)),
-            "method": method,
-        },
-        profile=profile,
-        paths=paths,
-        mlflow=mlflow,
-        compute=compute,
-        resume=config.resume,
-        steps=config.steps,
+        resources=StageResources(paths, profile, mlflow, compute, pipes),
     )

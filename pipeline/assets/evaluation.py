@@ -3,22 +3,20 @@
 The last asset of the graph. It depends on every stage (``deps``, so ``--select '*'`` runs it
 last) but needs only ``pretrained_weights`` (plus the tokenizer and shards): a stage that is not
 materialised is reported as absent, never faked. Scoring runs in a Pipes subprocess
-(``python -m pipeline.eval_child``), like training, so torch memory leaves with it; it shares the
+(``python -m pipeline.child``), like training, so torch memory leaves with it; it shares the
 ``train`` pool so it never competes with a training run for the cores. The child reports the
 materialisation (headline figures as numeric metadata, the markdown table, the MLflow run link)
 and the four checks of :data:`pipeline.eval.checks.CHECKS`.
 """
 
 import os
-import sys
 from collections.abc import Iterator
 
 import dagster as dg
 
-from pipeline.assets.pretrain import upstream_versions
 from pipeline.eval.checks import CHECKS, FINITE
 from pipeline.eval.run import HttpJudgeConfig
-from pipeline.io import version_hash
+from pipeline.launch import launch_stage
 from pipeline.resources import Compute, MlflowTracking, Paths, Profile, profile_code_version
 
 GROUP = "evaluation"
@@ -51,6 +49,7 @@ def evaluation_report(
     profile: Profile,
     mlflow: MlflowTracking,
     compute: Compute,
+    pipes: dg.PipesSubprocessClient,
 ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
     """``report.json`` / ``report.md`` / ``report.html``: bpb, BLiMP, LAMBADA, GSM8K and win rates
     of each stage (base, sft, rlhf), compared with the previous evaluation in MLflow."""
@@ -58,35 +57,22 @@ def evaluation_report(
         paths.require(key, filename)
     out = paths.asset_dir("evaluation_report")
     p = profile.load()
-    upstream = upstream_versions(context, [*REQUIRED, *OPTIONAL])
     judge = HttpJudgeConfig.from_env(os.environ)
-    extras = {
-        "profile": profile.name,
+    config = {
+        "profile": p,
         "data_root": str(paths.root()),
         "out_dir": str(out),
         "device": compute.device,
-        "mlflow_uri": mlflow.uri(paths),
-        "experiment": mlflow.experiment,
-        "run_name": f"evaluation-{p.get('name')}-{context.run.run_id[:8]}",
-        "tags": {
-            "dagster.run_id": context.run.run_id,
-            "dagster.asset_key": context.asset_key.to_user_string(),
-            "scriptorium.profile": str(p.get("name")),
-            "scriptorium.stage": "evaluation",
-            **{f"upstream.{k}": v for k, v in upstream.items()},
-        },
-        "data_version": version_hash(
-            upstream, p.get("evaluation"), judge.url if judge else None, CODE_VERSION
-        ),
     }
-    results = (
-        dg.PipesSubprocessClient()
-        .run(
-            command=[sys.executable, "-m", "pipeline.eval_child"],
-            context=context,
-            extras=extras,
-            env=dict(os.environ),
-        )
-        .get_results()
+    yield from launch_stage(
+        context,
+        stage="evaluation",
+        config=config,
+        upstream_keys=[*REQUIRED, *OPTIONAL],
+        version_parts=[p.get("evaluation"), judge.url if judge else None, CODE_VERSION],
+        pipes_client=pipes,
+        paths=paths,
+        mlflow=mlflow,
+        compute=Compute(device=compute.device),  # scoring runs in one process
+        profile_name=str(p.get("name")),
     )
-    yield from results

@@ -40,9 +40,9 @@ LOADS_IN_TRANSFORMERS = dg.AssetCheckSpec(
 
 def pick_source(paths: Paths) -> Path:
     """The weights folder to export: ``rlhf_weights`` if materialised, else ``sft_weights``."""
+    files = paths.artefacts()
     for key in SOURCES:
-        d = paths.asset_dir(key, create=False)
-        if (d / "model.safetensors").is_file():
+        if (d := files.trained(key)) is not None:
             return d
     raise FileNotFoundError(
         f"no trained weights to export under {paths.root()}: materialise `rlhf_weights` or "
@@ -117,19 +117,21 @@ def hf_export(
 ) -> dg.MaterializeResult:
     """The final model as a Hugging Face folder (Llama config, safetensors, tokenizer with the
     chat template, generation config, model card), ready for ``upload_folder``."""
+    from llm_core.checkpoint import CONFIG_NAME
+    from llm_core.hf_card import CARD_NAME
     from llm_core.interop import export_hf
 
     weights = pick_source(paths)
-    # The tokenizer that travels with the weights (run_sft copies it there), else the project's.
-    beside = weights / "tokenizer.json"
-    tokenizer = beside if beside.is_file() else paths.require("bpe_tokenizer", "tokenizer.json")
+    # The tokenizer that travels with the weights (the chat stages save it there), else the
+    # project's.
+    tokenizer = paths.artefacts().tokenizer_beside(weights)
     stage = weights.name
     card = card_info(paths.root(), stage, profile_name=str(profile.load().get("name") or ""))
     out = export_hf(weights, tokenizer, paths.asset_dir("hf_export", create=False), card=card)
     context.log.info(f"exported {stage} from {weights} to {out}")
     check = verify_export(out, weights, tokenizer)
     table, listing = _files_table(out)
-    config = (out / "config.json").read_text()
+    config = (out / CONFIG_NAME).read_text()
     return dg.MaterializeResult(
         metadata={
             "source_stage": stage,
@@ -142,7 +144,7 @@ def hf_export(
             "datasets": len(card["datasets"]),
             "eval_figures": dg.MetadataValue.json(card["eval"]),
             "hf_config": dg.MetadataValue.md(f"```json\n{config}```"),
-            "model_card": dg.MetadataValue.md((out / "README.md").read_text()),
+            "model_card": dg.MetadataValue.md((out / CARD_NAME).read_text()),
             "path": dg.MetadataValue.path(str(out)),
         },
         check_results=[check],

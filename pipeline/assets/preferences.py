@@ -19,7 +19,13 @@ import dagster as dg
 import polars as pl
 
 from llm_core.config import configs_dir
-from pipeline.assets.sft import _display_name, _origin, eval_sets, fetch_files, token_counter
+from pipeline.assets.sft import (
+    eval_sets,
+    fetch_files,
+    source_display_name,
+    source_origin,
+    token_counter,
+)
 from pipeline.io import atomic_write_json, atomic_write_parquet, files_hash, sha256_file
 from pipeline.resources import HubSource, Paths, Profile, profile_code_version
 from pipeline.text.decontam import NgramIndex
@@ -78,8 +84,8 @@ def preference_pairs(
         files = fetch_files(source, out / source.id, hub, paths)
         parts.append(adapt_pairs(source, files))
         origins[source.id] = {
-            "origin": _origin(source, hub),
-            "files": {_display_name(f): sha256_file(f) for f in files},
+            "origin": source_origin(source, hub),
+            "files": {source_display_name(f): sha256_file(f) for f in files},
             "licence": source.licence,
         }
     index = None

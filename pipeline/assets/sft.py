@@ -9,7 +9,7 @@
 * ``sft_mixture``: :func:`pipeline.text.sft_mix.build_mixture` over every source, decontaminated
   against ``eval_sets``, token limits measured with ``bpe_tokenizer``.
 * ``sft_weights``: fine-tuning of ``pretrained_weights`` in a Pipes subprocess
-  (``pipeline.train_child``, stage ``sft``), like pretraining.
+  (``pipeline.child``, stage ``sft``), like pretraining.
 
 Thin assets: each calls tested functions, writes its files atomically and returns metadata.
 """
@@ -27,7 +27,6 @@ import numpy as np
 import polars as pl
 
 from llm_core.config import configs_dir
-from pipeline.assets.pretrain import launch_training
 from pipeline.io import (
     atomic_write_bytes,
     atomic_write_json,
@@ -36,6 +35,7 @@ from pipeline.io import (
     sha256_file,
     version_hash,
 )
+from pipeline.launch import StageResources, launch_training
 from pipeline.resources import (
     Compute,
     HubSource,
@@ -103,14 +103,14 @@ def fetch_files(entry: SftSource | EvalSet, dest: Path, hub: HubSource, paths: P
     return [download_url(url, dest / "files" / name, sha256=entry.sha256)]
 
 
-def _origin(entry: SftSource | EvalSet, hub: HubSource) -> str:
+def source_origin(entry: SftSource | EvalSet, hub: HubSource) -> str:
     if entry.repo is not None:
         base = hub.endpoint or "https://huggingface.co"
         return f"{base.rstrip('/')}/datasets/{entry.repo} @ {entry.revision}"
     return str(entry.url)
 
 
-def _display_name(path: Path) -> str:
+def source_display_name(path: Path) -> str:
     """A file's name as its origin knows it: the repo path for a Hub snapshot file (BLiMP has six
     ``train-00000-of-00001.parquet``, one per config folder), else the file name."""
     parts = path.parts
@@ -164,8 +164,8 @@ def materialize_source(source: SftSource, paths: Paths, hub: HubSource) -> dg.Ma
             "rows": rows.height,
             "rejects": rejects.height,
             "reject_reasons": dg.MetadataValue.json(reasons),
-            "origin": _origin(source, hub),
-            "files": dg.MetadataValue.json({_display_name(f): sha256_file(f) for f in files}),
+            "origin": source_origin(source, hub),
+            "files": dg.MetadataValue.json({source_display_name(f): sha256_file(f) for f in files}),
             "licence": source.licence,
             "non_commercial": source.non_commercial,
             "preview": dg.MetadataValue.md(_preview(rows)),
@@ -247,7 +247,7 @@ def keep_local_copies(files: Sequence[Path], dest: Path) -> list[Path]:
         shutil.rmtree(dest)
     out = []
     for f in files:
-        target = dest / _display_name(f)
+        target = dest / source_display_name(f)
         target.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(target, f.read_bytes())
         out.append(target)
@@ -263,21 +263,21 @@ def eval_sets(
     Each set's whole files are kept under ``<id>/files/`` (Hub files copied out of the shared
     cache, by their repo path): ``evaluation_report`` scores the models on them.
     """
-    out = paths.asset_dir("eval_sets")
+    out, prompts_path = paths.asset_dir("eval_sets"), paths.artefacts().eval_prompts
     parts, files_by_set = [], {}
     for entry in load_eval_sets(eval_sets_config()):
         files = fetch_files(entry, out / entry.id, hub, paths)
-        names = [_display_name(f) for f in files]
+        names = [source_display_name(f) for f in files]
         if entry.repo is not None:
             files = keep_local_copies(files, out / entry.id / "files")
         parts.append(eval_prompts(entry, files))
         files_by_set[entry.id] = {
-            "origin": _origin(entry, hub),
+            "origin": source_origin(entry, hub),
             "files": names,
             "licence": entry.licence,
         }
     prompts = pl.concat(parts)
-    atomic_write_parquet(prompts, out / "prompts.parquet")
+    atomic_write_parquet(prompts, prompts_path)
     counts = dict(prompts.group_by("eval_set", maintain_order=True).len().iter_rows())
     context.log.info(f"evaluation prompts: {counts}")
     return dg.MaterializeResult(
@@ -285,9 +285,9 @@ def eval_sets(
             "prompts": prompts.height,
             "prompts_per_set": dg.MetadataValue.json(counts),
             "sets": dg.MetadataValue.json(files_by_set),
-            "path": dg.MetadataValue.path(str(out / "prompts.parquet")),
+            "path": dg.MetadataValue.path(str(prompts_path)),
         },
-        data_version=dg.DataVersion(sha256_file(out / "prompts.parquet")[:16]),
+        data_version=dg.DataVersion(sha256_file(prompts_path)[:16]),
     )
 
 
@@ -327,28 +327,30 @@ def sft_mixture(
     """The SFT training mix: filtered, deduplicated, decontaminated, capped, weighted, split."""
     p = profile.load()
     cfg = MixConfig.from_profile(p.get("sft") or {}, int(p.get("seed", 1337)))
+    files = paths.artefacts()
     rows = pl.concat(
         pl.read_parquet(paths.require(f"{SOURCES_PREFIX}/{s.id}", "rows.parquet"))
         for s in SFT_SOURCES
     )
-    prompts = pl.read_parquet(paths.require("eval_sets", "prompts.parquet"))
+    prompts = pl.read_parquet(files.existing(files.eval_prompts))
     index = NgramIndex.build(
         prompts,
         min_n=cfg.decontam_min_n,
         max_n=cfg.decontam_max_n,
         min_words=cfg.decontam_min_words,
     )
-    count = token_counter(paths.require("bpe_tokenizer", "tokenizer.json"))
+    count = token_counter(files.existing(files.tokenizer))
     result = build_mixture(rows, SFT_SOURCES, count, index, cfg)
     if problems := check_consistent(result.stats):
         raise RuntimeError(f"SFT mixture accounting is off: {problems}")
     if result.train.height == 0:
         raise RuntimeError(f"the SFT mixture is empty; rejected: {result.stats['reasons']}")
     out = paths.asset_dir("sft_mixture")
-    atomic_write_parquet(result.train, out / "train.parquet")
-    atomic_write_parquet(result.val, out / "val.parquet")
+    train, val = files.sft_split("train"), files.sft_split("val")
+    atomic_write_parquet(result.train, train)
+    atomic_write_parquet(result.val, val)
     atomic_write_parquet(result.rejects, out / "rejects.parquet")
-    atomic_write_json(out / "stats.json", result.stats)
+    atomic_write_json(files.mixture_stats, result.stats)
     totals = result.stats["totals"]
     context.log.info(f"SFT mixture: {totals}; rejected {result.stats['reasons']}")
     return dg.MaterializeResult(
@@ -363,9 +365,9 @@ def sft_mixture(
             "train_reply_tokens": result.stats["tokens"]["train_reply"],
             "decontamination": dg.MetadataValue.json(result.stats["decontam"]),
             "non_commercial_sources": dg.MetadataValue.json(result.stats["non_commercial_sources"]),
-            "path": dg.MetadataValue.path(str(out / "train.parquet")),
+            "path": dg.MetadataValue.path(str(train)),
         },
-        data_version=dg.DataVersion(files_hash([out / "train.parquet", out / "val.parquet"])),
+        data_version=dg.DataVersion(files_hash([train, val])),
     )
 
 
@@ -385,8 +387,9 @@ def init_weights_dir(config: SFTConfig, paths: Paths) -> tuple[Path, Path]:
     """(weights folder, tokenizer) that SFT starts from: the run's ``init_weights`` when given,
     else ``pretrained_weights`` with ``bpe_tokenizer``."""
     if not config.init_weights:
-        pretrained = paths.require("pretrained_weights", "model.safetensors").parent
-        return pretrained, paths.require("bpe_tokenizer", "tokenizer.json")
+        files = paths.artefacts()
+        pretrained = files.existing(files.weights("pretrained_weights")).parent
+        return pretrained, files.existing(files.tokenizer)
     init = Path(config.init_weights).expanduser()
     missing = [
         n
@@ -404,8 +407,7 @@ def init_weights_dir(config: SFTConfig, paths: Paths) -> tuple[Path, Path]:
 def chat_tokenizer(paths: Paths) -> Path:
     """The tokenizer of the chat model: the one SFT saved beside its weights (an imported model's
     own), else ``bpe_tokenizer``."""
-    beside = paths.root() / "sft_weights" / "tokenizer.json"
-    return beside if beside.is_file() else paths.require("bpe_tokenizer", "tokenizer.json")
+    return paths.artefacts().chat_tokenizer()
 
 
 @dg.asset(
@@ -422,32 +424,29 @@ def sft_weights(
     profile: Profile,
     mlflow: MlflowTracking,
     compute: Compute,
-) -> dg.MaterializeResult:
+    pipes: dg.PipesSubprocessClient,
+) -> Iterator[Any]:
     """The chat model: ``pretrained_weights`` (or an imported checkpoint, see ``SFTConfig``)
     fine-tuned on ``sft_mixture`` (assistant-only loss)."""
-    mixture = paths.require("sft_mixture", "train.parquet").parent
+    files = paths.artefacts()
+    train, val = files.existing(files.sft_split("train")), files.existing(files.sft_split("val"))
     pretrained, tokenizer = init_weights_dir(config, paths)
-    return launch_training(
+    yield from launch_training(
         context,
-        stage="sft",
+        "sft",
+        inputs={
+            "train_path": train,
+            "val_path": val,
+            "init_weights": pretrained,
+            "tokenizer": tokenizer,
+        },
         out=paths.asset_dir("sft_weights"),
+        run=config,
         upstream_keys=["sft_mixture", "pretrained_weights", "bpe_tokenizer"],
-        registered_model=REGISTERED_MODEL,
         version_parts=[
             profile.load().get("sft_train"),
-            config.steps,
             *([config.init_weights] if config.init_weights else []),
         ],
-        inputs={
-            "train_path": str(mixture / "train.parquet"),
-            "val_path": str(mixture / "val.parquet"),
-            "init_weights": str(pretrained),
-            "tokenizer": str(tokenizer),
-        },
-        profile=profile,
-        paths=paths,
-        mlflow=mlflow,
-        compute=compute,
-        resume=config.resume,
-        steps=config.steps,
+        registered_model=REGISTERED_MODEL,
+        resources=StageResources(paths, profile, mlflow, compute, pipes),
     )

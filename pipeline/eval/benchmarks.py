@@ -26,9 +26,9 @@ from torch import nn
 
 from llm_core.evaluate import binomial_accuracy, multiple_choice, score_continuations
 from llm_core.generate import chat_replies
+from llm_core.stages.samples import CHAT_PROMPTS
 from llm_core.tokenizer import EOT
 from pipeline.eval.sets import final_number
-from pipeline.train_child import CHAT_PROMPTS
 
 # Fixed prompts answered by every stage, so reruns and stages can be read side by side.
 GENERATION_PROMPTS: tuple[str, ...] = ("What is the biggest animal in the world?", *CHAT_PROMPTS)

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pipeline.eval.report import _dig, is_absent
+from pipeline.eval.report import dig, is_absent
 
 SFT_BELOW_BASE = "sft_val_loss_below_base"
 RLHF_WINS = "rlhf_win_rate_over_sft"
@@ -46,10 +46,10 @@ def _outcome(name: str, passed: bool, note: str, skipped: bool = False) -> Check
 
 
 def sft_below_base(report: Mapping[str, Any]) -> CheckOutcome:
-    base = _dig(report, "stages", "base", "sft_val")
-    sft = _dig(report, "stages", "sft", "sft_val")
+    base = dig(report, "stages", "base", "sft_val")
+    sft = dig(report, "stages", "sft", "sft_val")
     if is_absent(base) or is_absent(sft):
-        why = _dig(sft, "absent") or _dig(base, "absent") or "a stage is absent"
+        why = dig(sft, "absent") or dig(base, "absent") or "a stage is absent"
         return _outcome(SFT_BELOW_BASE, True, f"skipped: {why}", skipped=True)
     ok = sft["loss"] < base["loss"]
     return _outcome(
@@ -58,10 +58,10 @@ def sft_below_base(report: Mapping[str, Any]) -> CheckOutcome:
 
 
 def rlhf_wins(report: Mapping[str, Any]) -> CheckOutcome:
-    r = _dig(report, "win_rates", "rlhf_vs_sft")
-    judged = _dig(r, "reward_model")
+    r = dig(report, "win_rates", "rlhf_vs_sft")
+    judged = dig(r, "reward_model")
     if is_absent(r) or is_absent(judged):
-        why = _dig(judged, "absent") or _dig(r, "absent") or "no reward-model verdict"
+        why = dig(judged, "absent") or dig(r, "absent") or "no reward-model verdict"
         return _outcome(RLHF_WINS, True, f"skipped: {why}", skipped=True)
     lo, hi = judged["ci95"]
     note = f"win rate {judged['win_rate']:.3f} [{lo:.3f}, {hi:.3f}] over n={judged['n']}"

@@ -38,7 +38,7 @@ def is_absent(section: Any) -> bool:
     return not isinstance(section, Mapping) or "absent" in section
 
 
-def _dig(obj: Any, *keys: str) -> Any:
+def dig(obj: Any, *keys: str) -> Any:
     for k in keys:
         if not isinstance(obj, Mapping) or k not in obj:
             return None
@@ -60,16 +60,16 @@ def headline(report: Mapping[str, Any]) -> dict[str, float]:
     """Flat figures of every measured stage and comparison (absent ones are left out)."""
     out: dict[str, float] = {}
     for stage in STAGES:
-        section = _dig(report, "stages", stage)
+        section = dig(report, "stages", stage)
         if is_absent(section):
             continue
         for figure, (path, _) in STAGE_FIGURES.items():
-            value = _dig(section, *path)
+            value = dig(section, *path)
             if isinstance(value, int | float) and not isinstance(value, bool):
                 out[f"{stage}_{figure}"] = float(value)
     for pair in COMPARISONS:
         for judge, suffix in JUDGES.items():
-            value = _dig(report, "win_rates", pair, judge, "win_rate")
+            value = dig(report, "win_rates", pair, judge, "win_rate")
             if isinstance(value, int | float):
                 out[f"{pair}_{suffix}"] = float(value)
     return out
@@ -167,11 +167,11 @@ def headline_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]
             if is_absent(section):
                 cells.append("absent")
                 continue
-            inner = _dig(section, path[0])
+            inner = dig(section, path[0])
             if figure.endswith("accuracy"):
                 cells.append(fmt_acc(inner) if inner is not None else "–")
             else:
-                cells.append(fmt(_dig(section, *path)) if not is_absent(inner) else "absent")
+                cells.append(fmt(dig(section, *path)) if not is_absent(inner) else "absent")
         arrow = "↑" if higher else "↓"
         rows.append([f"{figure} {arrow}", *cells])
     return header, rows
@@ -197,9 +197,9 @@ def win_rate_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]
     ]
     rows = []
     for pair in COMPARISONS:
-        section = _dig(report, "win_rates", pair)
+        section = dig(report, "win_rates", pair)
         if is_absent(section):
-            rows.append([pair, "–", f"absent: {_dig(section, 'absent')}", "–", "–", "–"])
+            rows.append([pair, "–", f"absent: {dig(section, 'absent')}", "–", "–", "–"])
             continue
         a, b = pair.split("_vs_")
         empty = (
@@ -226,7 +226,7 @@ def win_rate_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]
 
 
 def comparison_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
-    figures = _dig(report, "comparison", "figures")
+    figures = dig(report, "comparison", "figures")
     header = ["figure", "previous", "current", "change", "regression"]
     if not isinstance(figures, Mapping):
         return header, []
@@ -282,7 +282,7 @@ def render_markdown(report: Mapping[str, Any], *, headline_only: bool = False) -
     parts += [md_table(*blimp_rows(report)), ""]
     parts += ["### Generations", ""]
     for stage in STAGES:
-        gen = _dig(report, "stages", stage, "generations")
+        gen = dig(report, "stages", stage, "generations")
         if gen is None or is_absent(gen):
             continue
         parts += [f"**{stage}** (settings: {gen['settings']})", ""]
@@ -295,13 +295,13 @@ def render_markdown(report: Mapping[str, Any], *, headline_only: bool = False) -
 def blimp_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     phenomena: list[str] = []
     for stage in STAGES:
-        per = _dig(report, "stages", stage, "blimp", "per_phenomenon") or {}
+        per = dig(report, "stages", stage, "blimp", "per_phenomenon") or {}
         phenomena += [p for p in per if p not in phenomena]
     rows = []
     for ph in phenomena:
         cells = []
         for stage in STAGES:
-            r = _dig(report, "stages", stage, "blimp", "per_phenomenon", ph)
+            r = dig(report, "stages", stage, "blimp", "per_phenomenon", ph)
             cells.append(fmt_acc(r) if r else "–")
         rows.append([ph, *cells])
     return ["phenomenon", *STAGES], rows
@@ -370,7 +370,7 @@ def plot_stage_bars(report: Mapping[str, Any]) -> str | None:
     ]
     panels = []
     for _, path, title in figs:
-        values = {s: _dig(report, "stages", s, *path) for s in STAGES}
+        values = {s: dig(report, "stages", s, *path) for s in STAGES}
         values = {s: v for s, v in values.items() if isinstance(v, float) and math.isfinite(v)}
         if values:
             panels.append((title, values))
@@ -389,12 +389,12 @@ def plot_accuracies(report: Mapping[str, Any]) -> str | None:
     """Benchmark accuracy per stage with 95% intervals and the chance line; win rates too."""
     groups: list[tuple[str, dict[str, Mapping[str, Any]], float]] = []
     for bench in BENCHMARKS:
-        per_stage = {s: _dig(report, "stages", s, bench) for s in STAGES}
+        per_stage = {s: dig(report, "stages", s, bench) for s in STAGES}
         per_stage = {s: r for s, r in per_stage.items() if r is not None and not is_absent(r)}
         if per_stage:
             chance = next(iter(per_stage.values())).get("chance", 0.0)
             groups.append((bench, per_stage, float(chance)))
-    wins = {p: _dig(report, "win_rates", p, "reward_model") for p in COMPARISONS}
+    wins = {p: dig(report, "win_rates", p, "reward_model") for p in COMPARISONS}
     wins = {p: r for p, r in wins.items() if r is not None and not is_absent(r)}
     if wins:
         groups.append(("win rate (reward model)", wins, 0.5))
@@ -478,7 +478,7 @@ def render_html(report: Mapping[str, Any]) -> str:
         "<h2>Generations</h2>",
     ]
     for stage in STAGES:
-        gen = _dig(report, "stages", stage, "generations")
+        gen = dig(report, "stages", stage, "generations")
         if gen is None or is_absent(gen):
             continue
         out.append(

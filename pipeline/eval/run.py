@@ -25,7 +25,8 @@ from typing import Any
 
 import polars as pl
 
-from llm_core.pretrain import _json_safe
+from llm_core.stages.base import json_safe
+from pipeline.artefacts import Artefacts
 from pipeline.eval import benchmarks, judge
 from pipeline.eval.checks import run_checks
 from pipeline.eval.report import (
@@ -141,11 +142,6 @@ def load_sets(
         loaded[set_id] = result
         rejects.append(result.rejects)
     return loaded, pl.concat(rejects)
-
-
-def _stage_dir(root: Path, stage: str) -> Path | None:
-    d = root / STAGE_ASSETS[stage]
-    return d if (d / "model.safetensors").is_file() else None
 
 
 def _batches(profile: Mapping[str, Any], section: str) -> tuple[int, int]:
@@ -274,23 +270,23 @@ def evaluate(
     (without MLflow-derived parts) and the rejected benchmark records. ``device`` takes the
     trainer's spellings (``auto``, ``cpu``, ``cuda``)."""
     from llm_core.checkpoint import load_weights
-    from llm_core.finetune import read_conversations
+    from llm_core.stages.session import read_conversations
     from llm_core.tokenizer import load_tokenizer
     from llm_core.trainer import resolve_device
 
-    root = Path(root)
+    files = Artefacts(Path(root))
     dev = resolve_device(device)
     settings = EvalSettings.from_profile(profile)
-    tokenizer_path = root / "bpe_tokenizer" / "tokenizer.json"
+    tokenizer_path = files.tokenizer
     tok = load_tokenizer(tokenizer_path)
-    sets, rejects = load_sets(root / "eval_sets", settings)
-    val_path = root / "sft_mixture" / "val.parquet"
+    sets, rejects = load_sets(files.eval_sets, settings)
+    val_path = files.sft_split("val")
     alpaca = sets["alpaca_eval"]
     run = _Run(
         profile=profile,
         settings=settings,
         tok=tok,
-        shards=root / "token_shards",
+        shards=files.shards,
         sets=sets,
         val_convs=read_conversations(val_path) if val_path.is_file() else [],
         val_path=val_path,
@@ -304,7 +300,7 @@ def evaluate(
     stages: dict[str, Any] = {}
     replies: dict[str, list[str]] = {}
     for stage, asset in STAGE_ASSETS.items():
-        weights = _stage_dir(root, stage)
+        weights = files.trained(asset)
         if weights is None:
             stages[stage] = absent(f"{asset} is not materialised")
             continue
@@ -317,8 +313,8 @@ def evaluate(
             )
         section, stage_replies = score_stage(stage, model, run)
         stages[stage] = {
-            "weights": str(weights / "model.safetensors"),
-            "weights_sha256": sha256_file(weights / "model.safetensors"),
+            "weights": str(files.weights(asset)),
+            "weights_sha256": sha256_file(files.weights(asset)),
             "params": model.num_params(),
             "context_length": model.config.context_length,
             **section,
@@ -328,7 +324,7 @@ def evaluate(
             replies[stage] = stage_replies
         del model
     win_rates = _win_rates(
-        root, tok, run.win_prompts, replies, alpaca, settings, judge_config, log, dev
+        files, tok, run.win_prompts, replies, alpaca, settings, judge_config, log, dev
     )
     report = {
         "format": FORMAT,
@@ -339,7 +335,7 @@ def evaluate(
         "tokenizer_sha256": sha256_file(tokenizer_path),
         "stages": stages,
         "win_rates": win_rates,
-        "reward_model": _reward_summary(root),
+        "reward_model": _reward_summary(files),
         "sets": {
             k: (
                 {"available": v.available, "used": v.items.height, "rejected": v.rejects.height}
@@ -352,13 +348,12 @@ def evaluate(
     return report, rejects
 
 
-def _reward_summary(root: Path) -> dict[str, Any]:
-    d = root / "reward_model"
-    if not (d / "model.safetensors").is_file():
+def _reward_summary(files: Artefacts) -> dict[str, Any]:
+    if files.trained("reward_model") is None:
         return absent("reward_model is not materialised")
-    metrics = d / "metrics.json"
+    metrics = files.metrics("reward_model")
     return {
-        "weights_sha256": sha256_file(d / "model.safetensors"),
+        "weights_sha256": sha256_file(files.weights("reward_model")),
         "metrics": json.loads(metrics.read_text())
         if metrics.is_file()
         else absent(f"{metrics} missing"),
@@ -366,7 +361,7 @@ def _reward_summary(root: Path) -> dict[str, Any]:
 
 
 def _win_rates(
-    root: Path,
+    files: Artefacts,
     tok: Any,
     prompts: list[list[dict[str, str]]],
     replies: dict[str, list[str]],
@@ -378,8 +373,7 @@ def _win_rates(
 ) -> dict[str, Any]:
     """Each chat stage against the one before it: reward-model judge, optional HTTP judge."""
     out: dict[str, Any] = {}
-    reward_dir = root / "reward_model"
-    has_rm = (reward_dir / "model.safetensors").is_file()
+    reward_dir = files.trained("reward_model")
     rm = None
     for name, (a, b) in COMPARED.items():
         if not isinstance(alpaca, Loaded):
@@ -403,7 +397,7 @@ def _win_rates(
                 ]
             ],
         }
-        if has_rm:
+        if reward_dir is not None:
             from llm_core.reward import load_reward_model, score_replies
 
             rm = rm or load_reward_model(reward_dir, device=device).eval()
@@ -467,7 +461,7 @@ def write_report(
         "html": out / "report.html",
         "rejects": out / "rejects.parquet",
     }
-    atomic_write_json(files["json"], _json_safe(report))  # NaN/Inf: null, listed in non_finite
+    atomic_write_json(files["json"], json_safe(report))  # NaN/Inf: null, listed in non_finite
     atomic_write_text(files["md"], render_markdown(report))
     atomic_write_text(files["html"], render_html(report))
     atomic_write_parquet(rejects, files["rejects"])

@@ -15,13 +15,14 @@ from llm_core.align import (
     collate_pairs,
     encode_pairs,
     pair_batches,
-    run_dpo,
     unique_prompts,
 )
 from llm_core.checkpoint import load_weights
 from llm_core.objectives import DPOObjective, dpo_loss, sequence_logprobs
 from llm_core.sft import ChatSpecials, truncate_left
+from llm_core.stages import dpo
 from llm_core.tokenizer import render_chat
+from tests.llm_core.stages.helpers import write_pairs, write_tokenizer
 from tests.llm_core.training_helpers import (
     marker_pairs,
     save_tiny_lm,
@@ -114,16 +115,27 @@ def test_dpo_objective_logs_log_probs_and_implicit_rewards(chat_tok, tmp_path: P
 
 def test_dpo_learns_the_marker_preference(chat_tok, tmp_path: Path) -> None:
     init = save_tiny_lm(tmp_path / "sft", chat_tok.get_vocab_size())
-    (tmp_path / "tok.json").write_text(chat_tok.to_str())
-    train = Preferences.from_records(marker_pairs(200, seed=1))
-    val = Preferences.from_records(marker_pairs(40, seed=2))
-    cfg = tiny_train_config(steps=20, batch_size=8, eval_every=10, eval_batches=5)
-    run = run_dpo(train, val, init, tmp_path / "tok.json", tmp_path / "dpo", cfg, beta=0.1)
-    final = run.result.final_metrics
+    val_rows = marker_pairs(40, seed=2)
+    val = Preferences.from_records(val_rows)
+    config = dpo.Config(
+        out_dir=tmp_path / "dpo",
+        train=tiny_train_config(steps=20, batch_size=8, eval_every=10, eval_batches=5),
+        train_path=write_pairs(tmp_path / "pairs" / "train.parquet", marker_pairs(200, seed=1)),
+        val_path=write_pairs(tmp_path / "pairs" / "val.parquet", val_rows),
+        init_weights=init,
+        tokenizer=write_tokenizer(chat_tok, tmp_path / "tok.json"),
+        reward_model=tmp_path / "no_reward_model",  # never loaded: the win rate is off
+        win_rate_prompts=0,
+        beta=0.1,
+    )
+    run = dpo.run(config)
+    final = run.train.final_metrics
     assert final["val_reward_accuracy"] >= 0.9 and final["val_reward_margin"] > 0
     assert final["val_loss"] < np.log(2)  # below the loss of policy == reference
     summary = json.loads((tmp_path / "dpo" / "metrics.json").read_text())
     assert summary["method"] == "dpo" and summary["beta"] == 0.1 and summary["train_pairs"] == 200
+    assert run.summary["val_pairs"] == summary["val_pairs"] == 40 and "win_rate" not in summary
+    assert run.figures["val_reward_accuracy"] == final["val_reward_accuracy"]
     for name in ("model.safetensors", "config.json", "tokenizer.json"):
         assert (tmp_path / "dpo" / name).exists()
     # The saved policy prefers the chosen replies more than the reference does.

@@ -14,16 +14,17 @@ import torch
 import yaml
 
 from llm_core.checkpoint import load_state_dict
-from llm_core.config import load_profile, model_config_from_profile, train_config_from_profile
+from llm_core.config import load_profile
 from llm_core.model import Transformer
-from llm_core.pretrain import run_pretraining
+from llm_core.stages import pretrain
+from tests.llm_core.stages.helpers import PRETRAIN_VOCAB, sample_tokenizer
 from tests.llm_core.training_helpers import make_shards, tiny_model_config
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _profile(path: Path) -> Path:
-    mc = tiny_model_config().to_dict()
+    mc = tiny_model_config(vocab=PRETRAIN_VOCAB).to_dict()
     profile = {
         "name": "ddp-test",
         "vocab_size": mc.pop("vocab_size"),
@@ -51,6 +52,7 @@ def _profile(path: Path) -> Path:
 def test_torchrun_two_ranks_match_single_process(tmp_path: Path) -> None:
     shards = make_shards(tmp_path / "shards")
     profile_path = _profile(tmp_path / "ddp.yaml")
+    tokenizer = sample_tokenizer(tmp_path / "tokenizer.json")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [
         sys.executable,
@@ -60,26 +62,34 @@ def test_torchrun_two_ranks_match_single_process(tmp_path: Path) -> None:
         "--nproc_per_node",
         "2",
         "-m",
-        "llm_core.pretrain",
-        "--shards",
+        "llm_core.stages.pretrain",
+        "--shards-dir",
         str(shards),
+        "--tokenizer",
+        str(tokenizer),
         "--out",
         str(tmp_path / "ddp"),
         "--profile",
         str(profile_path),
+        "--device",
+        "cpu",
         "--log-level",
         "WARNING",
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    headline = json.loads(proc.stdout.strip().splitlines()[-1])  # printed by rank 0 only
+    assert headline["world_size"] == 2 and headline["steps"] == 4
 
     profile = load_profile(str(profile_path))
-    single = run_pretraining(
-        shards,
-        tmp_path / "single",
-        model_config_from_profile(profile),
-        train_config_from_profile(profile),
+    config = pretrain.Config.from_profile(
+        profile,
+        {"shards_dir": shards, "tokenizer": tokenizer},
+        out_dir=tmp_path / "single",
+        device="cpu",
     )
+    assert config.train.seed == profile["seed"] and config.train.steps == 4
+    single = pretrain.run(config).train
     ddp_metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert ddp_metrics["world_size"] == 2
     ddp_losses = [h["loss"] for h in ddp_metrics["history"]]
@@ -94,7 +104,7 @@ def test_torchrun_two_ranks_match_single_process(tmp_path: Path) -> None:
     # all-reduce vs 4 rows) moves single weights by up to ~lr, so compare the *update* as a whole.
     a, b = load_state_dict(tmp_path / "ddp"), load_state_dict(tmp_path / "single")
     torch.manual_seed(profile["seed"])
-    init = Transformer(model_config_from_profile(profile)).state_dict()
+    init = Transformer(config.model).state_dict()
     assert a.keys() == b.keys() == init.keys()
     diff = sum(float((a[k] - b[k]).square().sum()) for k in a) ** 0.5
     update = sum(float((b[k] - init[k]).square().sum()) for k in a) ** 0.5

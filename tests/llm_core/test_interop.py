@@ -17,15 +17,14 @@ import yaml
 from llm_core.checkpoint import load_weights, save_weights
 from llm_core.config import ModelConfig
 from llm_core.generate import generate
+from llm_core.hf_card import render_model_card
+from llm_core.hf_tokenizer import CHAT_TEMPLATE, add_chat_tokens
 from llm_core.interop import (
-    CHAT_TEMPLATE,
     HFImportError,
-    add_chat_tokens,
     config_from_hf,
     export_hf,
     import_hf,
     load_hf_model,
-    render_model_card,
 )
 from llm_core.model import Transformer
 from llm_core.sft import ChatSpecials, encode_conversations, encode_prompt
@@ -407,14 +406,14 @@ def test_tokenizer_larger_than_the_model_is_refused(tmp_path: Path, tokenizer_pa
     assert not (tmp_path / "hf").exists()
 
 
-def test_imported_gpt2_gets_chat_tokens_and_fine_tunes_with_run_sft(tmp_path: Path) -> None:
+def test_imported_gpt2_gets_chat_tokens_and_fine_tunes_with_the_sft_stage(tmp_path: Path) -> None:
     """The way in for an existing small model: GPT-2 weights and a tokenizer without our chat
     tokens -> add_chat_tokens -> llm_core's own SFT loop, unchanged."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from tokenizers import pre_tokenizers, trainers
 
-    from llm_core.finetune import run_sft
+    from llm_core.stages import sft
     from llm_core.tokenizer import EOT, SPECIAL_TOKENS, load_tokenizer, new_tokenizer
     from tests.llm_core.training_helpers import tiny_train_config
 
@@ -446,9 +445,17 @@ def test_imported_gpt2_gets_chat_tokens_and_fine_tunes_with_run_sft(tmp_path: Pa
     pq.write_table(table, tmp_path / "train.parquet")
     pq.write_table(table, tmp_path / "val.parquet")
     cfg = tiny_train_config(steps=6, batch_size=2, eval_every=6, checkpoint_every=6, lr=3e-3)
-    run = run_sft(tmp_path / "train.parquet", tmp_path / "val.parquet", init,
-                  init / "tokenizer.json", tmp_path / "sft", cfg)  # fmt: skip
+    config = sft.Config(
+        out_dir=tmp_path / "sft",
+        train=cfg,
+        train_path=tmp_path / "train.parquet",
+        val_path=tmp_path / "val.parquet",
+        init_weights=init,
+        tokenizer=init / "tokenizer.json",
+    )
+    run = sft.run(config)
     assert run.summary["val_loss_after"] < run.summary["val_loss_before"]
+    assert run.figures["val_loss_change"] < 0 and run.train.steps == 6
     tuned = load_weights(tmp_path / "sft")
     assert (
         tuned.config == grown.config

@@ -20,12 +20,13 @@ from llm_core.reward import (
     expected_calibration_error,
     load_reward_model,
     reward_metrics,
-    run_reward_training,
     save_reward_model,
     score_replies,
 )
 from llm_core.sft import ChatSpecials
+from llm_core.stages import reward
 from llm_core.tokenizer import render_chat
+from tests.llm_core.stages.helpers import write_pairs, write_tokenizer
 from tests.llm_core.training_helpers import (
     marker_pairs,
     save_tiny_lm,
@@ -137,35 +138,34 @@ def test_reward_model_learns_a_marker_preference(
     chat_tok, lm_dir: Path, tmp_path: Path, pooling: str, lm_loss_weight: float
 ) -> None:
     """Replies containing the marker word are preferred: ≥ 90% held-out pairwise accuracy."""
-    train = Preferences.from_records(marker_pairs(200, seed=1))
-    val = Preferences.from_records(marker_pairs(60, seed=2))
-    (tmp_path / "tok.json").write_text(chat_tok.to_str())
-    cfg = tiny_train_config(
-        steps=40, batch_size=8, eval_every=20, eval_batches=10, checkpoint_every=20
-    )
+    val_rows = marker_pairs(60, seed=2)
+    val = Preferences.from_records(val_rows)
     seen: list[dict[str, float]] = []
 
     class Spy:
         def on_eval(self, step: int, metrics: dict[str, float]) -> None:
             seen.append(metrics)
 
-    run = run_reward_training(
-        train,
-        val,
-        lm_dir,
-        tmp_path / "tok.json",
-        tmp_path / "rm",
-        cfg,
+    config = reward.Config(
+        out_dir=tmp_path / "rm",
+        train=tiny_train_config(
+            steps=40, batch_size=8, eval_every=20, eval_batches=10, checkpoint_every=20
+        ),
+        train_path=write_pairs(tmp_path / "pairs" / "train.parquet", marker_pairs(200, seed=1)),
+        val_path=write_pairs(tmp_path / "pairs" / "val.parquet", val_rows),
+        init_weights=lm_dir,
+        tokenizer=write_tokenizer(chat_tok, tmp_path / "tok.json"),
         pooling=pooling,
         lm_loss_weight=lm_loss_weight,
-        callbacks=[Spy()],
     )
+    run = reward.run(config, callbacks=[Spy()])
     s = run.summary
     assert s["val_accuracy"] >= 0.9 > s["val_accuracy_before"]
     assert s["val_margin"] > 0 and 0 <= s["val_ece"] < 0.5
     assert set(seen[-1]) == {"val_loss", "val_reward_accuracy", "val_reward_margin", "val_ece"}
     written = json.loads((tmp_path / "rm" / "metrics.json").read_text())
     assert written["method"] == "reward" and written["pooling"] == pooling
+    assert run.figures["val_accuracy"] == s["val_accuracy"] and 0 < len(run.samples) <= 3
     # The saved model scores held-out chosen replies above rejected ones, as trained.
     rm = load_reward_model(tmp_path / "rm")
     assert rm.pooling == pooling

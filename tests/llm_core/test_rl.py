@@ -17,10 +17,10 @@ from llm_core.rl import (
     GRPOObjective,
     RolloutSampler,
     group_advantages,
-    run_best_of_n,
-    run_grpo,
     sample_best_of_n,
 )
+from llm_core.stages import best_of_n, grpo
+from tests.llm_core.stages.helpers import prompt_pairs, write_pairs
 from tests.llm_core.training_helpers import WORDS, save_tiny_lm, tiny_train_config
 
 PROMPTS = [[{"role": "user", "content": f"Tell me about the {w}."}] for w in WORDS]
@@ -39,6 +39,27 @@ def files(chat_tok, tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("rl")
     (root / "tok.json").write_text(chat_tok.to_str())
     return save_tiny_lm(root / "sft", chat_tok.get_vocab_size()), root / "tok.json"
+
+
+def pair_files(root: Path, train: list, val: list) -> dict[str, Path]:
+    """Preference splits whose distinct prompts are ``train`` and ``val``, in order."""
+    return {
+        "train_path": write_pairs(root / "train.parquet", prompt_pairs(train)),
+        "val_path": write_pairs(root / "val.parquet", prompt_pairs(val)),
+    }
+
+
+def rlhf_inputs(files: tuple[Path, Path], root: Path, train: list, val: list) -> dict:
+    """The alignment stages' inputs; ``reward_model`` is never read (``reward_fn`` is given and
+    the win rate is off)."""
+    init, tok = files
+    return {
+        **pair_files(root, train, val),
+        "init_weights": init,
+        "tokenizer": tok,
+        "reward_model": root / "no_reward_model",
+        "win_rate_prompts": 0,
+    }
 
 
 def test_group_advantages() -> None:
@@ -88,19 +109,26 @@ def test_first_update_is_a_pure_policy_gradient(chat_tok, files) -> None:
     assert set(obj._cache) == {2} and len(obj.history) == 3
 
 
-def test_grpo_raises_a_toy_reward_with_bounded_kl(files, tmp_path: Path) -> None:
+def test_grpo_stage_raises_a_toy_reward_with_bounded_kl(files, tmp_path: Path) -> None:
     cfg = tiny_train_config(
         steps=30, batch_size=1, lr=1e-2, warmup_steps=0, eval_every=0, checkpoint_every=0
     )
-    grpo = GRPOConfig(
+    grpo_cfg = GRPOConfig(
         group_size=8, prompts_per_step=4, max_new_tokens=8, kl_coef=0.1, eval_prompts=8
     )
-    run = run_grpo(PROMPTS[:16], PROMPTS[16:], *files, tmp_path / "grpo", cfg, count_e, grpo)
+    config = grpo.Config(
+        out_dir=tmp_path / "grpo",
+        train=cfg,
+        grpo=grpo_cfg,
+        **rlhf_inputs(files, tmp_path / "pairs", PROMPTS[:16], PROMPTS[16:]),
+    )
+    run = grpo.run(config, reward_fn=count_e)
     s = run.summary
     assert s["reward_last"] > s["reward_first"] + 2.0, s
     assert s["val_reward_after"] > s["val_reward_before"]
     assert 0.0 <= s["kl_last"] < 3.0, s  # the penalty holds the policy near the reference
-    assert len(s["rollouts"]) == 30 and s["method"] == "grpo" and run.result.tokens_seen > 0
+    assert len(s["rollouts"]) == 30 and s["method"] == "grpo" and run.train.tokens_seen > 0
+    assert s["train_prompts"] == 16 and "win_rate" not in s
     written = json.loads((tmp_path / "grpo" / "metrics.json").read_text())
     assert written["grpo"]["group_size"] == 8 and written["reward_last"] == s["reward_last"]
     assert (tmp_path / "grpo" / "model.safetensors").exists()
@@ -118,16 +146,23 @@ def test_best_of_n_keeps_the_highest_reward_sample(chat_tok, files) -> None:
     assert len(set(picks.candidates[0])) > 1  # sampled, not greedy
 
 
-def test_run_best_of_n_fine_tunes_on_the_winners(files, tmp_path: Path) -> None:
+def test_best_of_n_stage_fine_tunes_on_the_winners(files, tmp_path: Path) -> None:
     cfg = tiny_train_config(steps=6, batch_size=4, eval_every=3, checkpoint_every=3)
-    run = run_best_of_n(
-        PROMPTS[:12], PROMPTS[12:16], *files, tmp_path / "bon", cfg, count_e,
-        n=4, max_new_tokens=8,
-    )  # fmt: skip
+    config = best_of_n.Config(
+        out_dir=tmp_path / "bon",
+        train=cfg,
+        n=4,
+        max_new_tokens=8,
+        **rlhf_inputs(files, tmp_path / "pairs", PROMPTS[:12], PROMPTS[12:16]),
+    )
+    run = best_of_n.run(config, reward_fn=count_e)
     s = json.loads((tmp_path / "bon" / "metrics.json").read_text())
     assert s["method"] == "best_of_n" and s["n"] == 4 and s["steps"] == 6
+    assert s["train_prompts"] == 12
     assert s["winner_reward_mean"] >= s["sample_reward_mean"]
     winners = pl.read_parquet(tmp_path / "bon" / "best_of_n" / "train.parquet")
     assert winners.height == s["winners"] <= 12
     assert winners["messages"].list.last().struct.field("role").unique().to_list() == ["assistant"]
-    assert run.result.steps == 6 and (tmp_path / "bon" / "model.safetensors").exists()
+    assert run.train.steps == 6 and (tmp_path / "bon" / "model.safetensors").exists()
+    val = pl.read_parquet(tmp_path / "bon" / "best_of_n" / "val.parquet")
+    assert val.height <= 4 and run.summary["winners"] == s["winners"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +14,15 @@ from torch import nn
 
 from llm_core.checkpoint import latest_checkpoint, load_checkpoint, load_weights
 from llm_core.config import TrainConfig
-from llm_core.data import EvalBatches, RandomWindowSampler, TokenShards
+from llm_core.data import TokenShards
+from llm_core.data.lm import EvalBatches, RandomWindowSampler
 from llm_core.evaluate import make_lm_evaluator
 from llm_core.model import Transformer
 from llm_core.objectives import LMObjective, Metrics
-from llm_core.pretrain import run_pretraining
+from llm_core.stages import pretrain
+from llm_core.stages.samples import SAMPLE_PROMPTS
 from llm_core.trainer import NonFiniteLossError, Trainer, build_optimizer, lr_at
+from tests.llm_core.stages.helpers import PRETRAIN_VOCAB, sample_tokenizer
 from tests.llm_core.training_helpers import SEQ, make_shards, tiny_model_config, tiny_train_config
 
 
@@ -169,17 +173,30 @@ def test_schedule_and_optimizer_groups() -> None:
     assert decay["fused"] is True
 
 
-def test_run_pretraining_writes_outputs_and_resumes(shards: Path, tmp_path: Path) -> None:
-    cfg = tiny_train_config(steps=4, checkpoint_every=2, eval_every=2)
+def test_pretrain_stage_writes_outputs_and_resumes(shards: Path, tmp_path: Path) -> None:
+    # The samples step encodes fixed prompts with the tokenizer: the model must cover its ids.
+    model = tiny_model_config(vocab=PRETRAIN_VOCAB)
+    config = pretrain.Config(
+        out_dir=tmp_path / "out",
+        train=tiny_train_config(steps=4, checkpoint_every=2, eval_every=2),
+        shards_dir=shards,
+        tokenizer=sample_tokenizer(tmp_path / "tokenizer.json"),
+        model=model,
+    )
+    out = config.out_dir
     rec = Recorder()
-    result = run_pretraining(shards, tmp_path, tiny_model_config(), cfg, callbacks=[rec])
+    run = pretrain.run(config, callbacks=[rec])
+    result = run.train
     assert rec.checkpoints == [2, 4]
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 4 and len(metrics["history"]) == 4
     assert metrics["final_metrics"]["val_bpb"] == pytest.approx(result.final_metrics["val_bpb"])
-    assert load_weights(tmp_path).config == tiny_model_config()
-    longer = TrainConfig.from_dict({**cfg.to_dict(), "steps": 6})
-    again = run_pretraining(shards, tmp_path, tiny_model_config(), longer, resume=True)
+    assert run.summary["final_metrics"] == metrics["final_metrics"] and run.out_dir == out
+    assert run.figures["final_val_bpb"] == pytest.approx(result.final_metrics["val_bpb"])
+    assert set(run.samples) == set(SAMPLE_PROMPTS)
+    assert load_weights(out).config == model
+    longer = replace(config, train=TrainConfig.from_dict({**config.train.to_dict(), "steps": 6}))
+    again = pretrain.run(replace(longer, resume=True)).train
     assert again.resumed_from == 4 and again.steps == 6 and len(again.history) == 6
     with pytest.raises(ValueError, match="vocab_size"):
-        run_pretraining(shards, tmp_path / "x", tiny_model_config(vocab=32), cfg)
+        pretrain.run(replace(config, out_dir=tmp_path / "x", model=tiny_model_config(vocab=32)))

@@ -12,6 +12,7 @@ import polars as pl
 import pytest
 import yaml
 
+from llm_core.stages import reward
 from pipeline.assets.alignment import RLHFConfig, reward_model, rlhf_method, rlhf_weights
 from pipeline.resources import Compute, MlflowTracking, Paths, Profile
 from pipeline.text.preferences import PAIRS_SCHEMA, pair_id
@@ -63,6 +64,19 @@ def _pairs_file(path: Path, n: int, seed: int) -> None:
     frame.write_parquet(path)
 
 
+class RecordingPipes(dg.PipesSubprocessClient):
+    """The real client, remembering what each launch carried: the ``pipes`` resource is what
+    tests swap to see (or change) how a stage is launched."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.launches: list[dict] = []
+
+    def run(self, *, context, extras=None, **kwargs):  # noqa: ANN001, ANN202
+        self.launches.append({"extras": extras, "command": kwargs.get("command")})
+        return super().run(context=context, extras=extras, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, object]]:
     """Upstream artefacts as their assets would leave them, and the resources."""
@@ -80,6 +94,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, obj
         "profile": Profile(name=str(root / "profile.yaml")),
         "mlflow": MlflowTracking(tracking_uri=f"sqlite:///{root / 'mlflow.db'}"),
         "compute": Compute(device="cpu"),
+        "pipes": RecordingPipes(),
     }
     return root, resources
 
@@ -100,13 +115,13 @@ def test_rlhf_method_is_checked() -> None:
 
 
 def test_an_empty_train_split_is_refused_by_name(tmp_path: Path) -> None:
-    from pipeline.train_child import _preferences
+    from llm_core.stages.alignment import read_preferences as _preferences
 
     _pairs_file(tmp_path / "train.parquet", 0, seed=1)
     _pairs_file(tmp_path / "val.parquet", 0, seed=1)
     with pytest.raises(ValueError, match=r"train\.parquet: no preference pairs"):
-        _preferences(str(tmp_path / "train.parquet"))
-    assert len(_preferences(str(tmp_path / "val.parquet"))) == 0  # validation off, not an error
+        _preferences(tmp_path / "train.parquet")
+    assert len(_preferences(tmp_path / "val.parquet")) == 0  # validation off, not an error
 
 
 def test_reward_model_then_dpo_then_grpo(setup, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -118,6 +133,12 @@ def test_reward_model_then_dpo_then_grpo(setup, monkeypatch: pytest.MonkeyPatch)
     with dg.instance_for_test() as instance:
         first = dg.materialize([reward_model, rlhf_weights], resources=resources, instance=instance)
         assert first.success
+        launches = resources["pipes"].launches
+        assert [x["extras"]["stage"] for x in launches] == ["reward", "dpo"]
+        assert all(x["command"][-2:] == ["-m", "pipeline.child"] for x in launches)
+        typed = reward.Config.from_dict(launches[0]["extras"]["config"])  # the typed config
+        assert typed.pooling == "last" and typed.train.steps == PROFILE["reward_train"]["steps"]
+        assert launches[0]["extras"]["tracking"]["registered_model"] == "scriptorium-reward"
         rm = _metadata(first, "reward_model")
         assert rm["val_accuracy"] >= 0.75 and rm["val_pairs"] == 24 and rm["pooling"] == "last"
         assert 0 <= rm["val_ece"] <= 1 and rm["val_margin"] > 0
@@ -160,8 +181,9 @@ def test_reward_model_then_dpo_then_grpo(setup, monkeypatch: pytest.MonkeyPatch)
     assert {"val_reward_accuracy", "val_ece", "loss"} <= set(runs["reward"].data.metrics)
     assert {"win_rate", "reward_margin", "logps_chosen"} <= set(runs["dpo"].data.metrics)
     assert {"win_rate", "reward_mean", "kl", "reply_len"} <= set(runs["grpo"].data.metrics)
-    assert runs["grpo"].data.params["rlhf.extra.method"] == "grpo"
+    assert runs["grpo"].data.params["stage"] == "grpo"
+    assert runs["grpo"].data.params["rlhf.grpo.group_size"] == "4"  # typed, from rlhf.grpo
     assert runs["grpo"].data.params["rlhf.steps"] == "4"
-    assert runs["reward"].data.params["reward_train.extra.pooling"] == "last"
+    assert runs["reward"].data.params["reward_train.pooling"] == "last"
     for name in ("scriptorium-reward", "scriptorium-rlhf"):
         assert client.search_model_versions(f"name='{name}'")

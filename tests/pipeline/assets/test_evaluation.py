@@ -106,6 +106,7 @@ def _materialize(data: dict[str, Any]) -> tuple[dg.ExecuteInProcessResult, dict[
         "profile": Profile(name=str(data["profile"])),
         "mlflow": MlflowTracking(tracking_uri=data["mlflow"]),
         "compute": Compute(device="cpu"),
+        "pipes": dg.PipesSubprocessClient(),
     }
     with dg.instance_for_test() as instance:
         result = dg.materialize([evaluation_report], resources=resources, instance=instance)

@@ -63,6 +63,7 @@ def setup(tmp_path: Path) -> tuple[Path, Path, dict[str, object]]:
         "profile": Profile(name=str(tmp_path / "profile.yaml")),
         "mlflow": MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"),
         "compute": Compute(device="cpu"),
+        "pipes": dg.PipesSubprocessClient(),
     }
     return data, imported, resources
 
