@@ -11,7 +11,8 @@
 #   playwright  the Playwright Python package, if the venv lacks it (pip; never its browsers)
 #
 # Exit status 0 when every requested dependency is present afterwards; otherwise 1, with one line
-# per missing dependency on stderr (the fixtures turn that into a skip with the reason).
+# per missing dependency on stderr (the fixtures turn that into a skip with the reason, which
+# tests/conftest.py turns into a failure under CI=true). .ci/run calls it for the apt packages.
 set -uo pipefail
 
 PLAYWRIGHT_PIN=${PLAYWRIGHT_PIN:-playwright==1.65.2}

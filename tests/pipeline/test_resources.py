@@ -9,8 +9,11 @@ from pipeline.resources import profile_code_version, resources_from_env
 
 def test_resources_follow_the_documented_environment(tmp_path) -> None:
     res = resources_from_env(
-        {"SCRIPTORIUM_DATA": str(tmp_path), "SCRIPTORIUM_PROFILE": "tiny",
-         "GUTENBERG_MIRROR": "http://127.0.0.1:9"}  # fmt: skip
+        {
+            "SCRIPTORIUM_DATA": str(tmp_path),
+            "SCRIPTORIUM_PROFILE": "tiny",
+            "GUTENBERG_MIRROR": "http://127.0.0.1:9",
+        }
     )
     assert res["paths"].root() == tmp_path.resolve()
     assert res["profile"].load()["name"] == "tiny"

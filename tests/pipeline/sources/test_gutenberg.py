@@ -29,6 +29,7 @@ from pipeline.sources.gutenberg import (
     write_manifest,
 )
 from pipeline.sources.mirror import Fault, MirrorServer
+from tests.conftest import MirrorBooks
 from tests.pipeline.sources.conftest import FIXTURE_BOOK_IDS, book_path, fixture_book_bytes
 
 REPO = Path(__file__).resolve().parents[3]
@@ -83,27 +84,30 @@ def test_non_numeric_id_is_rejected() -> None:
 
 
 @pytest.mark.mirror
-def test_parse_real_mirror_catalog(mirror_dir: Path) -> None:
+def test_parse_real_mirror_catalog(mirror_dir: Path, mirror_books: MirrorBooks) -> None:
     feeds = mirror_dir / "gutenberg" / "cache" / "epub" / "feeds"
     df = parse_catalog(feeds / "pg_catalog.csv")
-    assert df.height == 111
+    assert df["id"].to_list() == sorted(mirror_books.catalog)  # every row, as the csv module reads
     assert df["id"].is_unique().all() and df["id"].is_sorted()
     multi_line = df.filter(pl.col("title").str.contains("\n"))["id"].to_list()
     assert multi_line == [4, 1080, 1228, 15399]
     assert set(df["type"]) == {"Text"}
     langs = {r["id"]: r["languages"] for r in df.select("id", "languages").iter_rows(named=True)}
     assert langs[23825] == ["zh"] and langs[2000] == ["es"] and langs[11] == ["en"]
+    assert langs == {i: list(codes) for i, codes in mirror_books.catalog.items()}
     assert parse_catalog(feeds / "pg_catalog.csv.gz").equals(df)
 
 
 @pytest.mark.mirror
-def test_tiny_profile_selection_on_real_catalog(mirror_dir: Path) -> None:
+def test_tiny_profile_selection_on_real_catalog(
+    mirror_dir: Path, mirror_books: MirrorBooks
+) -> None:
     profile = yaml.safe_load((REPO / "configs" / "profiles" / "tiny.yaml").read_text())
     rules = CatalogRules.from_mapping(profile["catalog"])
     df = parse_catalog(mirror_dir / "gutenberg" / "cache" / "epub" / "feeds" / "pg_catalog.csv")
     assert select_books(df, rules)["id"].to_list() == [4, 11, 41, 46, 1952, 17192, 68283]
-    english = select_books(df, CatalogRules())
-    assert english.height == 93
+    english = select_books(df, CatalogRules())  # the defaults: English texts
+    assert english["id"].to_list() == mirror_books.in_language("en")
 
 
 # ------------------------------------------------------------------------------------ selection

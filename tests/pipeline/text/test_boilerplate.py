@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.text.boilerplate import find_boilerplate, strip_boilerplate
 from pipeline.text.encoding import decode_text
+from tests.conftest import MirrorBooks
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "text"
 
@@ -153,28 +154,39 @@ def marker_span(text: str) -> str | None:
     return text[start : min(ends, default=len(text))].strip()
 
 
-def readme_styles(mirror_dir: Path) -> dict[int, tuple[str, str]]:
-    """id -> (language, style letter) from the book table of the mirror README."""
+def readme_styles(mirror_dir: Path) -> dict[int, str]:
+    """id -> header/footer style letter from the mirror README: the style column of its book
+    table, and for a section's table of later additions without that column, the
+    "Header style X" the section states."""
     out = {}
-    for line in (mirror_dir / "gutenberg" / "README.md").read_text(encoding="utf-8").splitlines():
-        cells = [c.strip() for c in line.split("|")]
-        if len(cells) > 10 and cells[1].isdigit():
-            out[int(cells[1])] = (cells[4], cells[7])
+    readme = (mirror_dir / "gutenberg" / "README.md").read_text(encoding="utf-8")
+    for section in re.split(r"\n(?=#{2,3} )", readme):
+        stated = re.search(r"\bHeader style ([A-F])\b", section)
+        for line in section.splitlines():
+            cells = [c.strip() for c in line.split("|")]
+            if len(cells) < 4 or not cells[1].isdigit():
+                continue
+            if len(cells) > 10:
+                out[int(cells[1])] = cells[7]
+            elif stated:
+                out[int(cells[1])] = stated.group(1)
     return out
 
 
 @pytest.mark.mirror
-def test_mirror_styles_spans_and_no_boilerplate_left(mirror_dir: Path) -> None:
+def test_mirror_styles_spans_and_no_boilerplate_left(
+    mirror_dir: Path, mirror_books: MirrorBooks
+) -> None:
     info = readme_styles(mirror_dir)
-    assert len(info) == 111
+    assert sorted(info) == mirror_books.ids  # the README gives every book's style
     epub = mirror_dir / "gutenberg" / "cache" / "epub"
     bad_style, dirty, cut = {}, {}, {}
-    for book_id, (lang, style) in sorted(info.items()):
+    for book_id, style in sorted(info.items()):
         text = decode_text((epub / str(book_id) / f"pg{book_id}.txt").read_bytes()).text
         r = strip_boilerplate(text)
         if r.style != style:
             bad_style[book_id] = (r.style, style)
-        if lang == "en" and (hits := find_boilerplate(r.body)):
+        if mirror_books.language(book_id) == "en" and (hits := find_boilerplate(r.body)):
             dirty[book_id] = hits[:3]
         span = marker_span(text)
         if _START.search(text) and span is not None and len(r.body) < 0.95 * len(span):

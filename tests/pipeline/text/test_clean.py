@@ -13,6 +13,7 @@ import pytest
 from pipeline.text import clean
 from pipeline.text.boilerplate import find_boilerplate
 from pipeline.text.clean import CleanStats, clean_books
+from tests.conftest import MirrorBooks
 from tests.pipeline.text.test_boilerplate import marker_span
 
 ENGLISH = (  # function words (half the text, so it reads as English) and content words
@@ -220,7 +221,7 @@ def mirror_inputs(mirror_dir: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
 
 @pytest.mark.mirror
 @pytest.mark.slow
-def test_mirror_clean(mirror_dir: Path, tmp_path: Path) -> None:
+def test_mirror_clean(mirror_dir: Path, mirror_books: MirrorBooks, tmp_path: Path) -> None:
     manifest, catalog = mirror_inputs(mirror_dir)
     stats = clean_books(
         manifest, catalog, tmp_path, languages=["en"], min_chars=2000,
@@ -232,7 +233,8 @@ def test_mirror_clean(mirror_dir: Path, tmp_path: Path) -> None:
     kept = set(books["id"].to_list())
     reason = dict(rejects.select("id", "reason").iter_rows())
     detail = dict(rejects.select("id", "detail").iter_rows())
-    assert len(kept) + len(reason) == 111 and not kept & set(reason)
+    # Every book of the mirror is either kept or rejected with one reason.
+    assert sorted(kept | set(reason)) == mirror_books.ids and not kept & set(reason)
 
     dirty = {i: find_boilerplate(t)[:2] for i, t in books.select("id", "text").iter_rows()}
     assert not {i: h for i, h in dirty.items() if h}
@@ -242,8 +244,9 @@ def test_mirror_clean(mirror_dir: Path, tmp_path: Path) -> None:
     assert set(books["language"].to_list()) == {"en"}
 
     foreign = catalog.filter(pl.col("languages").list.first() != "en")["id"].to_list()
-    assert len(foreign) == 18
+    assert sorted(foreign) == mirror_books.not_in_language("en")
     assert all(reason.get(i) == "language_mismatch" for i in foreign)
+    assert {i for i, r in reason.items() if r == "language_mismatch"} == set(foreign)
 
     for a, b in PAIRS:
         assert len({a, b} & kept) == 1, (a, b)
@@ -264,4 +267,11 @@ def test_mirror_clean(mirror_dir: Path, tmp_path: Path) -> None:
         if span is not None and len(text) < 0.95 * len(span):
             short[book_id] = round(len(text) / len(span), 3)
     assert not short
-    assert stats.books_kept == len(kept) == 86
+    # The outcome: every English book is kept except the documented duplicates (one of each
+    # PAIR, and 3 and 5 inside 1) and the Gettysburg Address (too short, or inside 1).
+    dropped = {a if a not in kept else b for a, b in PAIRS} | {3, 4, 5}
+    english_rejected = {i: r for i, r in reason.items() if i not in foreign}
+    assert english_rejected == {i: reason[i] for i in dropped}
+    assert set(english_rejected.values()) <= {"near_duplicate", "exact_duplicate", "too_short"}
+    assert kept == set(mirror_books.in_language("en")) - dropped
+    assert stats.books_kept == len(kept) and stats.books_rejected == len(reason)

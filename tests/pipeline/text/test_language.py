@@ -10,6 +10,7 @@ import pytest
 from pipeline.text.boilerplate import strip_boilerplate
 from pipeline.text.encoding import decode_text
 from pipeline.text.language import UNDETERMINED, detect_language, sample_windows
+from tests.conftest import MirrorBooks
 
 SAMPLES = {
     "en": "It was late in the evening when the old man came back to the house, and he was so tired "
@@ -82,16 +83,22 @@ def test_english_with_a_foreign_preface_is_still_english() -> None:
 
 
 @pytest.mark.mirror
-def test_every_mirror_book_matches_its_catalog_language(mirror_dir: Path) -> None:
+def test_every_mirror_book_matches_its_catalog_language(
+    mirror_dir: Path, mirror_books: MirrorBooks
+) -> None:
     epub = mirror_dir / "gutenberg" / "cache" / "epub"
     catalog = pl.read_csv(epub / "feeds" / "pg_catalog.csv", infer_schema=False)
-    wrong = {}
+    wrong, checked = {}, set()
     for book_id, lang in catalog.select("Text#", "Language").iter_rows():
         body = strip_boilerplate(
             decode_text((epub / book_id / f"pg{book_id}.txt").read_bytes()).text
         )
         guess = detect_language(body.body)
+        checked.add(int(book_id))
         if guess.code != lang:
             wrong[book_id] = (lang, guess)
     assert not wrong
-    assert catalog.filter(pl.col("Language") != "en").height == 18
+    # Every book of the mirror was checked, the non-English ones included (whatever their number).
+    assert checked == set(mirror_books.ids)
+    foreign = mirror_books.not_in_language("en")
+    assert foreign and {mirror_books.language(i) for i in foreign} >= {"fr", "de", "zh", "bg"}
