@@ -144,3 +144,18 @@ def test_cpu_info_parses_proc_cpuinfo() -> None:
     assert info["cpu_model"] == "AMD EPYC 7763"
     assert info["cpu_flags"]["avx2"] and not info["cpu_flags"]["avx512f"]
     assert info["cpu_mhz"] == 2500.0 and info["cpu_mhz_range"] == [2450.0, 2550.0]
+
+
+def test_stage_ab_smoke(tmp_path: Path) -> None:
+    """Both trees are this one: the smoke only proves the child, the rounds and the JSON."""
+    from tests.llm_core.training_helpers import chat_tokenizer, make_shards
+
+    shards = make_shards(tmp_path / "shards", train_tokens=20_000, vocab=300)
+    tokenizer = tmp_path / "tokenizer.json"
+    chat_tokenizer(300).save(str(tokenizer))
+    res = run_smoke(
+        "stage_ab.py", "--before", str(REPO), "--shards", str(shards),
+        "--tokenizer", str(tokenizer), "--profile", "tiny",
+    )  # fmt: skip
+    check_ratio(res["after_vs_before"], has_target=True)
+    assert len(res["tokens_per_s"]["after"]) == res["after_vs_before"]["rounds"]
