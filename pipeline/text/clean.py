@@ -19,16 +19,13 @@ and moved into place with ``os.replace``, so a reader never sees half a file.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
-import multiprocessing
 import os
-import sys
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,6 +45,7 @@ from pipeline.text.dedup import (
     find_near_duplicates,
     shingle_hashes,
 )
+from pipeline.text.pool import main_module_hidden, process_pool, worker_environment
 
 __all__ = ["BOOKS_SCHEMA", "REJECTS_SCHEMA", "CleanStats", "clean_books"]
 
@@ -119,61 +117,6 @@ class CleanStats:
         )
 
 
-@contextlib.contextmanager
-def _worker_environment() -> Iterator[None]:
-    """Worker processes inherit the environment: one polars thread each, since the pool
-    already runs one process per core (more threads per process only contend)."""
-    old = os.environ.get("POLARS_MAX_THREADS")
-    os.environ["POLARS_MAX_THREADS"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["POLARS_MAX_THREADS"]
-        else:
-            os.environ["POLARS_MAX_THREADS"] = old
-
-
-@contextlib.contextmanager
-def _main_module_hidden() -> Iterator[None]:
-    """While workers start, hide the ``__main__`` script from them.
-
-    ``spawn``/``forkserver`` children re-run the parent's main script (as ``__mp_main__``) before
-    taking work, so that functions defined there can be unpickled. Ours live in
-    :mod:`.clean_worker`, and the script is whatever launched us: the ``dagster`` console script
-    (which imports all of Dagster) in an asset step, a benchmark that imports torch and
-    tokenizers. Re-running it cost each worker ~1.5 s, five times the pool's own start-up.
-    Modules run with ``-m`` are named in ``__spec__`` and stay as they are (light, or skipped
-    by multiprocessing itself for ``__main__`` packages).
-    """
-    main = sys.modules.get("__main__")
-    path = getattr(main, "__file__", None)
-    if main is None or path is None or getattr(main, "__spec__", None) is not None:
-        yield
-        return
-    del main.__file__
-    try:
-        yield
-    finally:
-        main.__file__ = path
-
-
-def _process_pool(workers: int) -> ProcessPoolExecutor:
-    """A pool whose workers start in milliseconds: ``forkserver`` forks them from a server
-    process that imported :mod:`.clean_worker` (numpy, polars, no pyarrow) once.
-
-    Not ``fork``: forking a parent that has used polars or pyarrow thread pools can deadlock.
-    Not ``spawn`` unless forkserver is unavailable: every worker would re-import everything.
-    Threads do not help: the polars string kernels and ``str``/``re`` work hold the GIL.
-    """
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload([clean_worker.__name__])
-    else:
-        ctx = multiprocessing.get_context("spawn")
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
-
-
 def _outcomes(
     tasks: Iterable[BookTask],
     workers: int,
@@ -201,10 +144,10 @@ def _outcomes(
     if workers <= 1:
         yield from map(local, tasks)
         return
-    with _worker_environment(), _process_pool(workers) as pool:
+    with worker_environment(), process_pool(workers) as pool:
         t0 = time.perf_counter()
         try:
-            with _main_module_hidden():  # workers are spawned by these first submits
+            with main_module_hidden():  # workers are spawned by these first submits
                 started = [pool.submit(clean_worker.ready) for _ in range(workers)]
             for f in started:
                 f.result()

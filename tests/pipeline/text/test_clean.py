@@ -167,7 +167,7 @@ def test_broken_worker_pool_falls_back_to_in_process(corpus, tmp_path: Path, mon
         def submit(self, *args: object, **kwargs: object) -> None:
             raise BrokenProcessPool("no workers here")
 
-    monkeypatch.setattr(clean, "_process_pool", lambda workers: BrokenPool())
+    monkeypatch.setattr(clean, "process_pool", lambda workers: BrokenPool())
     run(corpus, tmp_path / "broken", workers=2)
     run(corpus, tmp_path / "one", workers=1)
     for name in ("books.parquet", "rejects.parquet"):
