@@ -50,7 +50,8 @@ from benchmarks.common import (  # noqa: E402
 )
 from llm_core.config import load_profile, model_config_from_profile, train_config_from_profile  # noqa: E402
 from llm_core.model import Transformer  # noqa: E402
-from llm_core.sft import ChatSpecials, SFTObjective, SFTSampler, encode_conversations  # noqa: E402
+from llm_core.objectives import SFTObjective  # noqa: E402
+from llm_core.sft import ChatSpecials, SFTSampler, encode_conversations  # noqa: E402
 from llm_core.tokenizer import train_bpe  # noqa: E402
 from llm_core.trainer import build_optimizer  # noqa: E402
 from pipeline.text.adapters import adapt_source, load_sft_sources  # noqa: E402

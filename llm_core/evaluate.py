@@ -31,7 +31,7 @@ from torch import nn
 
 from llm_core.data import TokenShards
 from llm_core.data.lm import EvalBatches
-from llm_core.objectives import _per_token_nll
+from llm_core.objectives import per_token_nll
 
 
 def bits_per_byte(mean_loss_nats: float, tokens: int, num_bytes: int) -> float:
@@ -75,7 +75,7 @@ def evaluate_lm(
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             with ctx:
                 logits = model(x)
-            nll = _per_token_nll(logits, y, ignore_index=-100)
+            nll = per_token_nll(logits, y, ignore_index=-100)
             valid = y != -100
             total[0] += nll[valid].double().sum()
             total[1] += valid.sum()
@@ -233,7 +233,7 @@ def score_continuations(
                 mask[row, starts[i] : len(s) - 1] = True
             x, y, mask = x.to(dev), y.to(dev), mask.to(dev)
             logits = model(x)
-            nll = _per_token_nll(logits, y, ignore_index=-100)
+            nll = per_token_nll(logits, y, ignore_index=-100)
             hit = (logits.argmax(dim=-1) == y) | ~mask
             lp = -(nll.double() * mask).sum(dim=-1)
             for row, i in enumerate(idx):

@@ -1,21 +1,37 @@
-"""Losses, and the ``Objective`` protocol that lets one trainer serve every stage.
+"""Every loss, and the ``Objective`` protocol that lets one trainer serve every stage.
 
 The trainer knows nothing about *what* it optimises: it calls ``objective(model, batch)`` and gets
-back a scalar loss plus detached metrics. Pretraining, SFT (masked next-token loss), reward
-modelling (Bradley–Terry) and DPO differ only in the objective object passed in.
+back a scalar loss plus detached metrics. The stages differ only in the objective passed in, and
+all of them are here, beside the losses they share: :class:`LMObjective` (pretraining),
+:class:`SFTObjective` (masked next-token loss), :class:`RewardObjective` (Bradley–Terry),
+:class:`DPOObjective` and :class:`GRPOObjective`. Their data (samplers, encodings, rollouts) lives
+with each stage's data code: :mod:`llm_core.data`, :mod:`llm_core.sft`, :mod:`llm_core.align`,
+:mod:`llm_core.rl`.
 
 All losses are computed in float32 even under bf16 autocast: a softmax over a large vocabulary in
 bf16 loses enough precision to bias the loss and its gradients.
+
+This module imports torch and the checkpoint helpers only, because the trainer imports it: GRPO's
+rollout machinery (:mod:`llm_core.rl`, which reaches the trainer through :mod:`llm_core.align`)
+is imported when a :class:`GRPOObjective` is built, not at module level.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from llm_core.checkpoint import unwrap_model
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+    from llm_core.align import Messages
+    from llm_core.rl import GRPOConfig, RewardFn, Rollout
 
 Batch = tuple[torch.Tensor, torch.Tensor] | Mapping[str, torch.Tensor]
 Metrics = dict[str, torch.Tensor]
@@ -33,7 +49,7 @@ class Objective(Protocol):
     def __call__(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, Metrics]: ...
 
 
-def _per_token_nll(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+def per_token_nll(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """Negative log-likelihood per position ``[B, T]`` in float32 (0 where ignored)."""
     v = logits.size(-1)
     nll = F.cross_entropy(
@@ -58,7 +74,7 @@ def masked_lm_loss(
     """Cross-entropy averaged over positions where ``loss_mask`` is true (e.g. assistant turns in
     SFT). An all-zero mask gives 0 rather than NaN so an unlucky micro-batch cannot poison a run."""
     mask = loss_mask.to(torch.float32)
-    nll = _per_token_nll(logits, targets.masked_fill(mask == 0, 0), ignore_index=-100)
+    nll = per_token_nll(logits, targets.masked_fill(mask == 0, 0), ignore_index=-100)
     return (nll * mask).sum() / mask.sum().clamp_min(1.0)
 
 
@@ -71,8 +87,16 @@ def sequence_logprobs(
     response tokens only, the prompt being masked out.
     """
     m = mask.to(torch.float32)
-    nll = _per_token_nll(logits, targets.masked_fill(m == 0, 0), ignore_index=-100)
+    nll = per_token_nll(logits, targets.masked_fill(m == 0, 0), ignore_index=-100)
     return -(nll * m).sum(dim=-1)
+
+
+def token_logps(
+    model: nn.Module, ids: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """``log p(target)`` per position [N, W] in float32 (0 where ``mask`` is false)."""
+    nll = per_token_nll(model(ids), targets.masked_fill(~mask, 0), ignore_index=-100)
+    return -nll * mask
 
 
 def dpo_loss(
@@ -98,7 +122,9 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torc
     return -F.logsigmoid(r_chosen.float() - r_rejected.float()).mean()
 
 
-def _forward(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def forward_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of ``batch["input_ids"]``, passing ``positions`` and ``doc_ids`` (packed
+    documents) when the batch has them."""
     kwargs = {k: batch[k] for k in ("positions", "doc_ids") if batch.get(k) is not None}
     return model(batch["input_ids"], **kwargs)
 
@@ -136,12 +162,68 @@ class LMObjective:
                 b["input_ids"], b["targets"], ignore_index=self.ignore_index, **kwargs
             )
             return loss, {"loss": loss.detach()}
-        logits = _forward(model, b)
+        logits = forward_logits(model, b)
         if b.get("loss_mask") is not None:
             loss = masked_lm_loss(logits, b["targets"], b["loss_mask"])
         else:
             loss = lm_loss(logits, b["targets"], self.ignore_index)
         return loss, {"loss": loss.detach()}
+
+
+class SFTObjective:
+    """Next-token loss on assistant tokens only (``masked_lm_loss``), packed or padded batches
+    (:class:`llm_core.sft.SFTSampler`).
+
+    ``supervised_frac`` (share of target positions that carry loss) is reported so a run whose
+    batches are mostly prompt or padding is visible in the logs.
+    """
+
+    def __call__(
+        self, model: nn.Module, batch: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, Metrics]:
+        logits = forward_logits(model, batch)
+        mask = batch["loss_mask"]
+        loss = masked_lm_loss(logits, batch["targets"], mask)
+        return loss, {"loss": loss.detach(), "supervised_frac": mask.float().mean()}
+
+
+class RewardObjective:
+    """Bradley–Terry on a pair batch (both sides in one forward of a
+    :class:`~llm_core.reward.RewardModel`), plus ``lm_loss_weight`` times the next-token loss on
+    the chosen reply."""
+
+    def __init__(self, lm_loss_weight: float = 0.0) -> None:
+        if lm_loss_weight < 0:
+            raise ValueError(f"lm_loss_weight must be >= 0, got {lm_loss_weight}")
+        self.lm_loss_weight = float(lm_loss_weight)
+
+    def __call__(
+        self, model: nn.Module, batch: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, Metrics]:
+        b = batch["chosen_ids"].size(0)
+        ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])
+        lengths = torch.cat([batch["chosen_lengths"], batch["rejected_lengths"]])
+        metrics: Metrics = {}
+        if self.lm_loss_weight > 0:
+            rewards, hidden = model(ids, lengths, return_hidden=True)
+            head = unwrap_model(model).backbone.lm_head
+            logits = head(hidden[:b]).float()
+            lm = masked_lm_loss(logits, batch["chosen_targets"], batch["chosen_mask"])
+            metrics["lm_loss"] = lm.detach()
+        else:
+            rewards = model(ids, lengths)
+            lm = rewards.new_zeros(())
+        rc, rr = rewards[:b], rewards[b:]
+        bt = bradley_terry_loss(rc, rr)
+        loss = bt + self.lm_loss_weight * lm
+        margin = (rc - rr).detach()
+        metrics.update(
+            loss=loss.detach(),
+            bt_loss=bt.detach(),
+            reward_accuracy=(margin > 0).float().mean() + 0.5 * (margin == 0).float().mean(),
+            reward_margin=margin.mean(),
+        )
+        return loss, metrics
 
 
 class DPOObjective:
@@ -181,4 +263,76 @@ class DPOObjective:
             "rewards_rejected": rjr.mean(),
             "logps_chosen": pc.detach().mean(),
             "logps_rejected": pr.detach().mean(),
+        }
+
+
+class GRPOObjective:
+    """GRPO's loss over rollouts it samples itself (see :mod:`llm_core.rl`).
+
+    A batch of :class:`llm_core.rl.RolloutSampler` names prompts and a rollout id; the first time
+    an id is seen, :class:`llm_core.rl.GroupRollouts` samples ``group_size`` replies per prompt
+    from the current policy and scores them. The loss is the PPO-style clipped surrogate of the
+    group-normalised advantages with a KL penalty to the frozen reference (the k3 estimator
+    ``exp(q) - q - 1`` with ``q = log ref - log pi``, unbiased and never negative). A rollout is
+    reused for ``updates_per_rollout`` optimiser steps; the ratio to the sampling policy, and so
+    the clipping, only matters then. The old log-probs are those of the first update's forward on
+    the rollout (the policy that sampled it), so no extra forward pass is spent on them.
+    ``history`` keeps one entry per rollout (mean reward, reply length) for the run summary.
+    """
+
+    def __init__(
+        self,
+        reference: nn.Module,
+        tokenizer: Tokenizer,
+        prompts: Sequence[Messages],
+        reward_fn: RewardFn,
+        cfg: GRPOConfig,
+        *,
+        seed: int = 0,
+    ) -> None:
+        from llm_core.rl import GroupRollouts  # not at module level: see the docstring
+
+        self.cfg = cfg
+        self.rollouts = GroupRollouts(reference, tokenizer, prompts, reward_fn, cfg, seed=seed)
+        self._cache: dict[int, Rollout] = {}  # the rollouts of the current optimiser steps
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        return self.rollouts.history
+
+    def __call__(
+        self, model: nn.Module, batch: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, Metrics]:
+        rid = int(batch["rollout"])
+        keep_from = int(batch.get("keep_from", rid))
+        self._cache = {k: v for k, v in self._cache.items() if k >= keep_from}
+        if rid not in self._cache:
+            index = batch["prompt_index"].tolist()
+            self._cache[rid] = self.rollouts.sample(unwrap_model(model), index, rid)
+        ro = self._cache[rid]
+        logp = token_logps(model, ro.ids, ro.targets, ro.mask)
+        if ro.old_logps is None:
+            ro.old_logps = logp.detach()
+        m = ro.mask.float()
+        # Log-ratios are clamped at ±20 only so a token the policy has all but abandoned cannot
+        # overflow exp() in float32; within that range the loss is the textbook one.
+        ratio = torch.exp((logp - ro.old_logps).clamp(-20.0, 20.0))
+        adv = ro.advantages[:, None]
+        eps = self.cfg.clip_eps
+        surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
+        q = (ro.ref_logps - logp).clamp(-20.0, 20.0)
+        kl = torch.exp(q) - q - 1  # k3: an unbiased, non-negative estimate of KL(pi || ref)
+        per_token = -(surrogate - self.cfg.kl_coef * kl) * m
+        tokens = m.sum(dim=1).clamp_min(1.0)
+        loss = (per_token.sum(dim=1) / tokens).mean()  # each reply weighs the same (GRPO)
+        clipped = ((ratio - 1).abs() > eps).float()
+        n_tok = m.sum().clamp_min(1.0)
+        return loss, {
+            "loss": loss.detach(),
+            "reward_mean": ro.rewards.mean(),
+            "reward_std": ro.rewards.std(unbiased=False),
+            "kl": ((kl * m).sum() / n_tok).detach(),
+            "reply_len": tokens.mean(),
+            "clip_frac": (clipped * m).sum() / n_tok,
+            "tokens": torch.tensor(ro.ids.numel()),  # what the trainer counts as tokens seen
         }

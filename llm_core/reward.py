@@ -5,9 +5,9 @@ one number. The backbone starts from the SFT weights; the head is a linear map o
 state: the ``last`` real token (the reply's closing ``<|end|>``, which under causal attention has
 seen everything), or the ``mean`` / ``max`` over the real tokens.
 
-Training (the ``reward`` stage, :mod:`llm_core.stages.reward`) is the one :class:`~llm_core.trainer.Trainer` with
-:class:`RewardObjective`: the Bradley–Terry loss ``-log σ(r_chosen − r_rejected)``
-(:func:`llm_core.objectives.bradley_terry_loss`), plus optionally ``lm_loss_weight`` times the
+Training (the ``reward`` stage, :mod:`llm_core.stages.reward`) is the one
+:class:`~llm_core.trainer.Trainer` with :class:`llm_core.objectives.RewardObjective`: the
+Bradley–Terry loss ``-log σ(r_chosen − r_rejected)``, plus optionally ``lm_loss_weight`` times the
 next-token loss on the chosen reply, which keeps the backbone a language model while the head
 learns (it helps when pairs are few). Held-out metrics: pairwise accuracy (ties count half), mean
 reward margin, and the expected calibration error of ``σ(margin)`` read as the probability that
@@ -31,11 +31,10 @@ import torch
 from tokenizers import Tokenizer
 from torch import Tensor, nn
 
-from llm_core.checkpoint import CONFIG_NAME, load_state_dict, save_weights, unwrap_model
+from llm_core.checkpoint import CONFIG_NAME, load_state_dict, save_weights
 from llm_core.config import ModelConfig
 from llm_core.generate import chat_replies
 from llm_core.model import Transformer
-from llm_core.objectives import Metrics, bradley_terry_loss, masked_lm_loss
 from llm_core.sft import ChatSpecials, encode_replies
 
 POOLINGS = ("last", "mean", "max")
@@ -135,43 +134,7 @@ def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> R
     return model.to(device).eval()
 
 
-# ------------------------------------------------------------------------------ training
-class RewardObjective:
-    """Bradley–Terry on a pair batch (both sides in one forward), plus ``lm_loss_weight`` times
-    the next-token loss on the chosen reply."""
-
-    def __init__(self, lm_loss_weight: float = 0.0) -> None:
-        if lm_loss_weight < 0:
-            raise ValueError(f"lm_loss_weight must be >= 0, got {lm_loss_weight}")
-        self.lm_loss_weight = float(lm_loss_weight)
-
-    def __call__(self, model: nn.Module, batch: Mapping[str, Tensor]) -> tuple[Tensor, Metrics]:
-        b = batch["chosen_ids"].size(0)
-        ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])
-        lengths = torch.cat([batch["chosen_lengths"], batch["rejected_lengths"]])
-        metrics: Metrics = {}
-        if self.lm_loss_weight > 0:
-            rewards, hidden = model(ids, lengths, return_hidden=True)
-            head = unwrap_model(model).backbone.lm_head
-            logits = head(hidden[:b]).float()
-            lm = masked_lm_loss(logits, batch["chosen_targets"], batch["chosen_mask"])
-            metrics["lm_loss"] = lm.detach()
-        else:
-            rewards = model(ids, lengths)
-            lm = rewards.new_zeros(())
-        rc, rr = rewards[:b], rewards[b:]
-        bt = bradley_terry_loss(rc, rr)
-        loss = bt + self.lm_loss_weight * lm
-        margin = (rc - rr).detach()
-        metrics.update(
-            loss=loss.detach(),
-            bt_loss=bt.detach(),
-            reward_accuracy=(margin > 0).float().mean() + 0.5 * (margin == 0).float().mean(),
-            reward_margin=margin.mean(),
-        )
-        return loss, metrics
-
-
+# ------------------------------------------------------------------------------ held-out metrics
 def expected_calibration_error(margins: np.ndarray, n_bins: int = 10) -> float:
     """ECE of the pairwise prediction ``p = σ(r_chosen − r_rejected)``.
 

@@ -41,7 +41,6 @@ from tokenizers import Tokenizer
 from torch import Tensor, nn
 
 from llm_core.align import IndexSampler, Messages
-from llm_core.checkpoint import unwrap_model
 from llm_core.data import atomic_write_bytes
 from llm_core.generate import chat_prompt_ids, chat_replies, generate
 from llm_core.objectives import token_logps

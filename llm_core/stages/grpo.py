@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llm_core.align import frozen_copy, unique_prompts
+from llm_core.objectives import GRPOObjective
 from llm_core.rl import (
     GRPOConfig,
-    GRPOObjective,
     RewardFn,
     RolloutSampler,
     make_policy_reward_evaluator,

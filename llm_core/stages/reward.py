@@ -21,10 +21,10 @@ from torch import nn
 
 from llm_core.data import atomic_write_bytes
 from llm_core.evaluate import wilson_interval
+from llm_core.objectives import RewardObjective
 from llm_core.reward import (
     POOLINGS,
     RewardModel,
-    RewardObjective,
     load_reward_model,
     make_reward_evaluator,
     save_reward_model,

@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 
+from llm_core.objectives import SFTObjective
 from llm_core.sft import (
     ChatDataset,
     ChatSpecials,
     SFTEvalBatches,
-    SFTObjective,
     SFTSampler,
     encode_conversations,
     make_sft_evaluator,

@@ -20,6 +20,7 @@ from llm_core.data import (
 )
 from llm_core.data import shards as data_mod
 from llm_core.data.lm import EvalBatches, RandomWindowSampler
+from llm_core.data.sampler import StepSampler, rank_slice
 from tests.llm_core.training_helpers import corpus, make_shards
 
 REPO = Path(__file__).resolve().parents[2]
@@ -184,6 +185,49 @@ def test_ddp_ranks_slice_the_same_global_batch(tmp_path: Path) -> None:
         assert torch.equal(torch.cat([ranks[0][step][1], ranks[1][step][1]]), y)
     with pytest.raises(ValueError, match="not divisible"):
         RandomWindowSampler(train, 3, 16, world_size=2)
+
+
+class Squares(StepSampler):
+    """The smallest StepSampler: global batch ``k`` is ``[(k*B + i)**2 for i < B]``."""
+
+    KIND = "squares"
+
+    def batch(self, step: int) -> list[int]:
+        b = self.global_batch_size
+        return list(self.local([(step * b + i) ** 2 for i in range(b)]))
+
+
+def test_step_sampler_base_steps_slices_and_checks_state() -> None:
+    one = Squares(4, seed=0)
+    assert [one.next_batch() for _ in range(2)] == [[0, 1, 4, 9], [16, 25, 36, 49]]
+    halves = [Squares(4, seed=0, rank=r, world_size=2) for r in (0, 1)]
+    assert halves[0].next_batch() + halves[1].next_batch() == [0, 1, 4, 9]
+    assert one.state_dict() == {"kind": "squares", "step": 2, "seed": 0, "global_batch_size": 4}
+    again = Squares(4, seed=0)
+    again.load_state_dict({"step": 2, "seed": 0, "global_batch_size": 4})  # no kind: older state
+    assert again.next_batch() == [64, 81, 100, 121]
+    with pytest.raises(ValueError, match="'lm' stream, not 'squares'"):
+        again.load_state_dict({**one.state_dict(), "kind": "lm"})
+    with pytest.raises(ValueError, match="squares sampler state mismatch on seed"):
+        again.load_state_dict({**one.state_dict(), "seed": 1})
+    assert rank_slice(6, 2, 3) == slice(4, 6)
+    with pytest.raises(ValueError, match="invalid rank"):
+        rank_slice(6, 3, 3)
+    with pytest.raises(ValueError, match="must be positive"):
+        Squares(0, seed=0)
+
+
+def test_lm_sampler_state_has_its_kind_and_loads_pre_kind_state(tmp_path: Path) -> None:
+    train = TokenShards(make_shards(tmp_path), "train")
+    first = RandomWindowSampler(train, 4, 16, seed=3)
+    want = _batches(first, 3)
+    state = first.state_dict()
+    assert state["kind"] == "lm"
+    old = {k: v for k, v in state.items() if k != "kind"}  # a checkpoint from before `kind`
+    resumed = RandomWindowSampler(train, 4, 16, seed=3)
+    resumed.load_state_dict({**old, "step": 1})
+    for (xw, yw), (xr, yr) in zip(want[1:], _batches(resumed, 2), strict=True):
+        assert torch.equal(xw, xr) and torch.equal(yw, yr)
 
 
 def test_eval_batches_fixed_sequential_and_sliced(tmp_path: Path) -> None:

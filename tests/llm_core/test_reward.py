@@ -13,10 +13,9 @@ import torch
 
 from llm_core.align import Preferences, collate_pairs, encode_pairs
 from llm_core.checkpoint import load_weights
-from llm_core.objectives import bradley_terry_loss, masked_lm_loss
+from llm_core.objectives import RewardObjective, bradley_terry_loss, masked_lm_loss
 from llm_core.reward import (
     RewardModel,
-    RewardObjective,
     expected_calibration_error,
     load_reward_model,
     reward_metrics,

@@ -12,9 +12,9 @@ import torch
 
 from llm_core.align import frozen_copy
 from llm_core.checkpoint import load_weights
+from llm_core.objectives import GRPOObjective
 from llm_core.rl import (
     GRPOConfig,
-    GRPOObjective,
     RolloutSampler,
     group_advantages,
     sample_best_of_n,

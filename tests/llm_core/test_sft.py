@@ -9,12 +9,12 @@ from torch import nn
 
 from llm_core.config import ModelConfig
 from llm_core.model import Transformer
+from llm_core.objectives import SFTObjective
 from llm_core.sft import (
     TOOL_CLOSE,
     TOOL_OPEN,
     ChatSpecials,
     SFTEvalBatches,
-    SFTObjective,
     SFTSampler,
     collate,
     encode_conversations,
