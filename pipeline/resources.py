@@ -59,8 +59,16 @@ class Paths(dg.ConfigurableResource):
 
 
 @functools.lru_cache(maxsize=8)
-def _parsed_profile(name: str, stamp: int) -> dict[str, Any]:
+def _parsed_profile(name: str, digest: str) -> dict[str, Any]:
     return load_profile(name)
+
+
+def cached_profile(name: str) -> dict[str, Any]:
+    """Profile ``name``, parsed once per process and content (an edited file is parsed again);
+    a copy, so callers may change it."""
+    path = profile_path(name)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+    return copy.deepcopy(_parsed_profile(name, digest))
 
 
 class Profile(dg.ConfigurableResource):
@@ -70,9 +78,7 @@ class Profile(dg.ConfigurableResource):
 
     def load(self) -> dict[str, Any]:
         """The profile, parsed once per process (a copy, so callers may change it)."""
-        path = profile_path(self.name)
-        stamp = path.stat().st_mtime_ns if path.exists() else 0  # an edit is read again
-        return copy.deepcopy(_parsed_profile(self.name, stamp))
+        return cached_profile(self.name)
 
     def section(self, key: str) -> dict[str, Any]:
         return dict(self.load().get(key) or {})
@@ -136,7 +142,7 @@ def profile_code_version(base: str, *keys: str, env: dict[str, str] | None = Non
     """
     env = dict(os.environ if env is None else env)
     try:
-        profile = load_profile(env.get("SCRIPTORIUM_PROFILE", "demo"))
+        profile = cached_profile(env.get("SCRIPTORIUM_PROFILE", "demo"))
     except (FileNotFoundError, ValueError):
         return base
     blob = json.dumps([profile.get(k) for k in keys], sort_keys=True, default=str)
