@@ -17,6 +17,13 @@ The real data mirror
       stays a skip. Use it only for what no CI machine can provide, e.g.
       ``@pytest.mark.skipif(not torch.cuda.is_available(), reason="impossible in CI: needs CUDA")``.
       Missing packages, data or services are never on the list: CI installs them.
+
+tests/e2e's stack (tests/e2e/stack.py)
+    The docker-compose deployment on real processes and the one whole-graph
+    ``dagster asset materialize --select '*'`` run on it take minutes. Where selected tests use it
+    (the ``e2e_stack`` fixture), it starts in the background at the session's first test and those
+    tests run last, the ones that wait for the whole-graph run after the others, so the rest of
+    the suite uses the second core meanwhile.
 """
 
 from __future__ import annotations
@@ -98,6 +105,44 @@ def mirror_books(mirror_dir: Path) -> MirrorBooks:
         if p.parent.name.isdigit() and p.name == f"pg{p.parent.name}.txt"
     )
     return MirrorBooks(catalog, files)
+
+
+# --- tests/e2e's stack: started early, used last ---------------------------------------------
+E2E_STACK = "e2e_stack"
+GRAPH_RUN = "graph_run"
+
+
+def _uses(item: pytest.Item, fixture: str) -> bool:
+    return fixture in getattr(item, "fixturenames", ())
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests on tests/e2e's stack go last, those that read its whole-graph run after the rest
+    (a stable sort: each group keeps its order)."""
+    items.sort(key=lambda item: (_uses(item, E2E_STACK), _uses(item, GRAPH_RUN)))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _e2e_stack_early(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """Start tests/e2e's stack in the background at the first test, if a selected test uses it
+    (without the mirror, the tests that use it skip instead: see ``mirror_dir``)."""
+    mirror = _mirror_dir()
+    if not _catalog_path(mirror).exists() or not any(
+        _uses(item, E2E_STACK) for item in request.session.items
+    ):
+        yield
+        return
+    from tests.e2e.stack import session_stack
+
+    stack, started_here = session_stack(request.config, tmp_path_factory, mirror)
+    try:
+        yield
+    finally:
+        if started_here:
+            stack.stop()
 
 
 # --- CI=true: no passing by skipping ----------------------------------------------------------

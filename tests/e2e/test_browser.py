@@ -1,8 +1,9 @@
 """The two UIs as a person uses them: headless Chromium (Debian's) driven by Playwright.
 
-They run against the deployment of ``conftest.py`` (Postgres-backed Dagster webserver + daemon +
-gRPC code server, Postgres-backed MLflow server) after its one ``full_pipeline`` run. Every test
-saves a screenshot under ``$SCRIPTORIUM_TEST_ARTIFACTS`` (or a temp dir) and prints its path.
+They run against the deployment of ``stack.py`` (Postgres-backed Dagster webserver + daemon +
+gRPC code server, Postgres-backed MLflow server), the MLflow and catalog tests after the session's
+whole-graph run on it (``dagster asset materialize --select '*'``). Every test saves a screenshot
+under ``$SCRIPTORIUM_TEST_ARTIFACTS`` (or a temp dir) and prints its path.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import pytest
 if TYPE_CHECKING:
     from playwright.sync_api import Page
 
-from tests.e2e.conftest import Deployment, PipelineRun, ensure_system_deps, wait_for
+from tests.e2e.stack import Deployment, ensure_system_deps, wait_for
+from tests.e2e.tiny_graph import GraphRun, cli_run_id
 
 TIMEOUT_MS = 60_000  # a cold UI bundle on 2 busy cores
 
@@ -40,7 +42,11 @@ def chromium_executable() -> str:
 
 @pytest.fixture(scope="module")
 def browser_page(artifacts_dir: Path) -> Iterator[Page]:
-    """One headless browser page for the module (Playwright's own browsers are never downloaded)."""
+    """One headless browser page for the module (Playwright's own browsers are never downloaded).
+    Module-scoped, not session-scoped: Playwright's event loop would stay open in this thread
+    under later tests that run their own (``dagster.materialize``). The asset-graph test runs
+    before the whole-graph run ends and the others after (tests/conftest.py), so the browser
+    starts twice."""
     executable = chromium_executable()
     from playwright.sync_api import sync_playwright
 
@@ -73,7 +79,8 @@ def screenshot(page: Page, artifacts_dir: Path, name: str) -> Path:
 
 @pytest.fixture
 def page(browser_page: Page, artifacts_dir: Path, request: pytest.FixtureRequest) -> Iterator[Page]:
-    """The shared page; a failing test leaves ``<test name>-failure.png`` to show what was there."""
+    """The shared page; a failing test leaves ``<test name>-failure.png`` to show what was there.
+    Between tests the page is blank: a live UI left open keeps polling its server."""
     try:
         yield browser_page
     finally:
@@ -81,6 +88,8 @@ def page(browser_page: Page, artifacts_dir: Path, request: pytest.FixtureRequest
         if report is not None and report.failed:
             with contextlib.suppress(Exception):
                 screenshot(browser_page, artifacts_dir, f"{request.node.name}-failure")
+        with contextlib.suppress(Exception):
+            browser_page.goto("about:blank")
 
 
 def shown_as(name: str, label: str) -> bool:
@@ -115,8 +124,9 @@ def test_dagster_asset_graph_shows_every_asset(
 
 
 def test_dagster_materialise_catalog_from_ui(
-    page, deployment: Deployment, artifacts_dir: Path
+    page, deployment: Deployment, graph_run: GraphRun, artifacts_dir: Path
 ) -> None:
+    # After the whole-graph run (graph_run): this run writes into the same data root.
     before = {r[0] for r in deployment.postgres.query("dagster", "SELECT run_id FROM runs")}
     page.goto(f"{deployment.webserver_url}/assets/gutenberg_catalog")
     page.locator("button").filter(has_text=re.compile(r"^\s*Materialize\s*$")).first.click()
@@ -141,17 +151,19 @@ def test_dagster_materialise_catalog_from_ui(
     screenshot(page, artifacts_dir, "dagster-catalog-metadata")
 
 
-def test_mlflow_ui_shows_pretraining_run(page, full_run: PipelineRun, artifacts_dir: Path) -> None:
+def test_mlflow_ui_shows_pretraining_run(
+    page, graph_run: GraphRun, deployment: Deployment, artifacts_dir: Path
+) -> None:
     from mlflow import MlflowClient
 
-    url = full_run.deployment.mlflow.url
+    url = deployment.mlflow.url
     client = MlflowClient(tracking_uri=url)
     experiment = client.get_experiment_by_name("scriptorium")
     assert experiment is not None
     [run] = client.search_runs(
         [experiment.experiment_id],
         filter_string=(
-            f"tags.`dagster.run_id` = '{full_run.run_id}' "
+            f"tags.`dagster.run_id` = '{cli_run_id(graph_run)}' "
             "and tags.`dagster.asset_key` = 'pretrained_weights'"
         ),
     )

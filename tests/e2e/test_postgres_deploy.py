@@ -3,33 +3,41 @@
 ``docker compose config`` validates the compose file itself. The rest runs the same configuration
 files as the containers would (see ``conftest.py``): PostgreSQL with the init script's two
 databases, the MLflow server script, and Dagster's code server, webserver and daemon on
-``docker/dagster.yaml``. One ``full_pipeline`` run on the tiny profile goes through the run queue,
-the daemon and the gRPC code server; the tests then read what it left in both Postgres databases
-and in the MLflow server's proxied artefact store.
+``docker/dagster.yaml``. The session's whole-graph run (``dagster asset materialize --select '*'``
+with the deployment's environment, tests/e2e/tiny_graph.py) is recorded in both Postgres databases
+and in the MLflow server's proxied artefact store; a small ``full_pipeline`` run (its
+``gutenberg_catalog`` op, into a data root of its own) goes through the run queue, the daemon and
+the gRPC code server.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
+import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
 import pytest
 import yaml
 
-from tests.e2e.conftest import (
+from tests.e2e.stack import (
+    DOCKER,
+    IN_PROCESS,
     REPO,
     Deployment,
     MlflowServer,
-    PipelineRun,
     ensure_system_deps,
 )
+from tests.e2e.tiny_graph import CLI_JOB, GraphRun, cli_run_id
 
 SERVICES = {"postgres", "mlflow", "dagster-code", "dagster-webserver", "dagster-daemon"}
 SCRIPTORIUM_SERVICES = SERVICES - {"postgres"}
@@ -105,12 +113,38 @@ def deployed_instance(deployment: Deployment) -> Iterator[dg.DagsterInstance]:
             instance.dispose()
 
 
-def test_full_pipeline_recorded_in_postgres(full_run: PipelineRun) -> None:
-    from pipeline.definitions import defs
+@dataclass
+class QueuedRun:
+    run_id: str
+    status: str
+    data: Path  # the run's own data root (run config), apart from the whole-graph run's
 
-    dep = full_run.deployment
-    assert full_run.status == "SUCCESS", dep.logs()
-    events = dep.run_events(full_run.run_id)
+
+@pytest.fixture(scope="module")
+def queued_run(deployment: Deployment, tmp_path_factory: pytest.TempPathFactory) -> QueuedRun:
+    """``full_pipeline`` reduced to its ``gutenberg_catalog`` op, submitted to the run queue by
+    ``dagster job launch``; the daemon launches it via the code server. Its ``paths`` resource
+    points at a data root of its own, so it can run beside the whole-graph CLI run."""
+    run_id, data = str(uuid.uuid4()), tmp_path_factory.mktemp("queued_data")
+    config = {**IN_PROCESS, "resources": {"paths": {"config": {"data_root": str(data)}}}}
+    t0 = time.monotonic()
+    proc = deployment.dagster(
+        "job", "launch", "-w", str(DOCKER / "workspace.yaml"), "-j", "full_pipeline",
+        "-o", "gutenberg_catalog", "--run-id", run_id, "--config-json", json.dumps(config),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    status = deployment.wait_for_run(run_id, timeout=600)
+    print(f"\nqueued full_pipeline[gutenberg_catalog] run {run_id}: {status}"
+          f" in {time.monotonic() - t0:.0f}s")  # fmt: skip
+    return QueuedRun(run_id, status, data)
+
+
+def test_queued_run_launched_by_daemon_via_code_server(
+    queued_run: QueuedRun, deployment: Deployment
+) -> None:
+    dep = deployment
+    assert queued_run.status == "SUCCESS", dep.logs()
+    events = dep.run_events(queued_run.run_id)
     # Queued by the CLI, then launched by the daemon's run queue through the code server.
     assert events.index("PIPELINE_ENQUEUED") < events.index("PIPELINE_STARTING")
     assert "PIPELINE_SUCCESS" in events and "PIPELINE_FAILURE" not in events
@@ -119,33 +153,55 @@ def test_full_pipeline_recorded_in_postgres(full_run: PipelineRun) -> None:
         "QueuedRunCoordinatorDaemon" in line and "Launched 1 runs" in line
         for line in daemon.log.read_text().splitlines()
     )
-    rows = dep.postgres.query(
-        "dagster",
-        "SELECT DISTINCT asset_key FROM event_logs"
-        " WHERE run_id = %s AND dagster_event_type = 'ASSET_MATERIALIZATION'",
-        (full_run.run_id,),
-    )
-    materialised = {dg.AssetKey.from_db_string(r[0]) for r in rows}
+    assert dep.materialised(queued_run.run_id) == {dg.AssetKey("gutenberg_catalog").to_string()}
+    assert (queued_run.data / "gutenberg_catalog" / "catalog.parquet").is_file()
+
+    with deployed_instance(dep) as instance:
+        assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+        assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+        assert type(instance.event_log_storage).__name__ == "PostgresEventLogStorage"
+        record = instance.get_run_record_by_id(queued_run.run_id)
+        assert record is not None and record.dagster_run.job_name == "full_pipeline"
+        # The job came from the gRPC code server of docker/workspace.yaml.
+        origin = record.dagster_run.remote_job_origin
+        assert origin is not None and origin.location_name == "scriptorium"
+        location = origin.repository_origin.code_location_origin
+        assert type(location).__name__ == "GrpcServerCodeLocationOrigin"
+        assert location.port == dep.code_server_port
+
+
+def test_whole_graph_run_recorded_in_postgres(graph_run: GraphRun, deployment: Deployment) -> None:
+    from pipeline.definitions import defs
+
+    dep = deployment
+    run_id = cli_run_id(graph_run)
+    events = dep.run_events(run_id)
+    # Executed by the CLI itself, not through the queue, into the deployment's Postgres.
+    assert "PIPELINE_ENQUEUED" not in events
+    assert "PIPELINE_SUCCESS" in events and "PIPELINE_FAILURE" not in events
+    materialised = {dg.AssetKey.from_db_string(k) for k in dep.materialised(run_id)}
     assert materialised == set(defs.resolve_asset_graph().get_all_asset_keys())
     assert events.count("ASSET_CHECK_EVALUATION") == len(
         defs.resolve_asset_graph().asset_check_keys
     )
 
     with deployed_instance(dep) as instance:
-        assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
         assert type(instance.event_log_storage).__name__ == "PostgresEventLogStorage"
         # The `train` pool that pretrained_weights claimed allows one step at a time.
         assert instance.event_log_storage.get_concurrency_info("train").slot_count == 1
-        record = instance.get_run_record_by_id(full_run.run_id)
-        assert record is not None and record.dagster_run.job_name == "full_pipeline"
+        record = instance.get_run_record_by_id(run_id)
+        assert record is not None and record.dagster_run.job_name == CLI_JOB
 
 
-def test_pretraining_tracked_in_postgres_backed_mlflow(full_run: PipelineRun) -> None:
+def test_pretraining_tracked_in_postgres_backed_mlflow(
+    graph_run: GraphRun, deployment: Deployment
+) -> None:
     from mlflow import MlflowClient
 
-    dep = full_run.deployment
-    assert full_run.status == "SUCCESS", dep.logs()
+    dep = deployment
+    run_id = cli_run_id(graph_run)
+    assert graph_run.tracking_uri == dep.mlflow.url
     client = MlflowClient(tracking_uri=dep.mlflow.url)
     experiment = client.get_experiment_by_name("scriptorium")
     assert experiment is not None
@@ -153,7 +209,7 @@ def test_pretraining_tracked_in_postgres_backed_mlflow(full_run: PipelineRun) ->
     [run] = client.search_runs(
         [experiment.experiment_id],
         filter_string=(
-            f"tags.`dagster.run_id` = '{full_run.run_id}' "
+            f"tags.`dagster.run_id` = '{run_id}' "
             "and tags.`dagster.asset_key` = 'pretrained_weights'"
         ),
     )

@@ -1,4 +1,4 @@
-"""Every training stage runs without Dagster, on the artefacts of the session's tiny run:
+"""Every training stage runs without Dagster, on the artefacts of the session's whole-graph run:
 ``python -m llm_core.stages.<stage>`` with explicit paths, and ``scriptorium train <stage>``
 with the paths taken from ``$SCRIPTORIUM_DATA`` (tracked in MLflow)."""
 
@@ -13,15 +13,9 @@ import pytest
 
 from llm_core.stages import STAGES
 from pipeline.artefacts import Artefacts
-from tests.e2e.tiny_graph import run_tiny_graph
 
 pytestmark = [pytest.mark.mirror, pytest.mark.slow]
 SCRIPTORIUM = Path(sys.executable).parent / "scriptorium"
-
-
-@pytest.fixture(scope="module")
-def tiny(mirror_dir, tmp_path_factory):
-    return run_tiny_graph(mirror_dir, tmp_path_factory)
 
 
 def _last_json(proc: subprocess.CompletedProcess[str]) -> dict:
@@ -30,8 +24,8 @@ def _last_json(proc: subprocess.CompletedProcess[str]) -> dict:
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_python_m_stage(tiny, stage: str, tmp_path: Path) -> None:
-    data, _, env, _ = tiny
+def test_python_m_stage(graph_run, stage: str, tmp_path: Path) -> None:
+    data, _, env, _ = graph_run
     inputs = Artefacts(data).stage_inputs(stage)
     flags = [x for k, v in inputs.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     proc = subprocess.run(
@@ -47,10 +41,10 @@ def test_python_m_stage(tiny, stage: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_scriptorium_train(tiny, stage: str, tmp_path: Path) -> None:
+def test_scriptorium_train(graph_run, stage: str, tmp_path: Path) -> None:
     import mlflow
 
-    data, _, env, _ = tiny
+    data, _, env, _ = graph_run
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = subprocess.run(
         [str(SCRIPTORIUM), "train", stage, "--profile", "tiny", "--steps", "2", "--device", "cpu",

@@ -1,7 +1,8 @@
 """End to end on the tiny profile: the real ``dagster`` CLI against the mirror server.
 
-One CLI run materialises the whole graph into a temporary data root (``--select '*'``); the tests
-then read the artefacts, the asset checks, the Dagster event log and the MLflow store it left.
+The session's one CLI run materialises the whole graph (``--select '*'``) into the deployment's
+data root, Postgres-backed Dagster instance and MLflow server (tests/e2e/tiny_graph.py); the
+tests then read the artefacts, the asset checks, the Dagster event log and the MLflow runs it left.
 A second test re-materialises ``pretrained_weights`` alone through ``dagster.materialize()``.
 """
 
@@ -13,22 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import pytest
 
-from tests.e2e.tiny_graph import run_tiny_graph
+from tests.e2e.tiny_graph import assert_checks_passed, check_evaluations, cli_run_id
 
 REPO = Path(__file__).resolve().parents[2]
 DAGSTER = Path(sys.executable).parent / "dagster"
 
 
-@pytest.fixture(scope="module")
-def tiny_run(mirror_dir, tmp_path_factory):
-    # One CLI run per session, shared with test_tiny_sft.py (see tests/e2e/tiny_graph.py).
-    return run_tiny_graph(mirror_dir, tmp_path_factory)
-
-
-def test_data_stage_artefacts(tiny_run) -> None:
-    data, _, _, log = tiny_run
+def test_data_stage_artefacts(graph_run) -> None:
+    data, _, _, _ = graph_run
     catalog = pl.read_parquet(data / "gutenberg_catalog" / "catalog.parquet")
     assert catalog.height == 7
     manifest = pl.read_parquet(data / "gutenberg_books" / "manifest.parquet")
@@ -45,23 +39,37 @@ def test_data_stage_artefacts(tiny_run) -> None:
     for entry in shards["shards"]:
         arr = np.load(data / "token_shards" / entry["file"], mmap_mode="r")
         assert arr.max() < 1024
-    # Blocking asset checks ran and passed (a failure would have failed the run).
-    for check in ("no_boilerplate_left", "tokenizer_roundtrip", "shards_valid"):
-        assert check in log
+    assert_checks_passed(
+        graph_run,
+        "cleaned_books:no_boilerplate_left",
+        "cleaned_books:language_mix_as_configured",  # not blocking: only its outcome shows it
+        "bpe_tokenizer:tokenizer_roundtrip",
+        "token_shards:shards_valid",
+    )
 
 
-def test_pretrained_weights_and_mlflow(tiny_run) -> None:
-    from mlflow import MlflowClient
+def test_every_asset_check_ran_and_passed(graph_run) -> None:
+    """``--select '*'`` runs every asset check of the graph once; each passed, blocking or not
+    (a failed non-blocking check leaves the run successful, so the run's status cannot tell)."""
+    from pipeline.definitions import defs
 
-    data, _, _, _ = tiny_run
+    expected = {k.to_user_string() for k in defs.resolve_asset_graph().asset_check_keys}
+    assert set(check_evaluations(graph_run)) == expected
+    assert_checks_passed(graph_run, *sorted(expected))
+
+
+def test_pretrained_weights_and_mlflow(graph_run) -> None:
+    data, _, _, _ = graph_run
     out = data / "pretrained_weights"
     assert (out / "model.safetensors").exists() and (out / "config.json").exists()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 40
-    client = MlflowClient(tracking_uri=f"sqlite:///{data / 'mlflow.db'}")
+    client = graph_run.mlflow_client()
     exp = client.get_experiment_by_name("scriptorium")
     runs = client.search_runs(
-        [exp.experiment_id], "tags.`dagster.asset_key` = 'pretrained_weights'"
+        [exp.experiment_id],
+        "tags.`dagster.asset_key` = 'pretrained_weights'"
+        f" and tags.`dagster.run_id` = '{cli_run_id(graph_run)}'",
     )
     assert runs, "no MLflow run recorded"
     run = runs[0]
@@ -77,14 +85,14 @@ def test_pretrained_weights_and_mlflow(tiny_run) -> None:
     assert versions
 
 
-def test_pretrained_weights_alone_through_materialize(tiny_run) -> None:
+def test_pretrained_weights_alone_through_materialize(graph_run) -> None:
     """``materialize()`` of the one asset reuses the upstream files and reports metadata."""
     import dagster as dg
 
     from pipeline.assets.pretrain import pretrained_weights
     from pipeline.resources import resources_from_env
 
-    data, home, env, _ = tiny_run
+    data, home, env, _ = graph_run
     resources = resources_from_env(env)
     (home / "again").mkdir(exist_ok=True)  # instance_for_test writes its dagster.yaml there
     with dg.instance_for_test(temp_dir=str(home / "again")) as instance:

@@ -1,6 +1,6 @@
 """SFT end to end on the tiny profile, from the session's one ``dagster asset materialize`` run.
 
-The CLI run (tests/e2e/tiny_graph.py) builds every ``sft_sources/<id>`` against the mirror's Hub
+The CLI run (tests/e2e/tiny_graph.py, on the deployment's stores) builds every ``sft_sources/<id>`` against the mirror's Hub
 API and files, ``eval_sets``, ``sft_mixture`` and ``sft_weights`` after pretraining; these tests
 read what it left (files, Dagster event log, MLflow) and chat with the result through
 ``scriptorium chat``. (Exact resume of SFT is covered in tests/llm_core/test_sft.py; re-running
@@ -11,37 +11,26 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import dagster as dg
 import polars as pl
 import pytest
 
 from pipeline.assets.sft import SFT_SOURCES
-from tests.e2e.tiny_graph import run_tiny_graph
+from tests.e2e.tiny_graph import assert_checks_passed, latest_metadata
 
 pytestmark = [pytest.mark.mirror, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def tiny(mirror_dir, tmp_path_factory):
-    return run_tiny_graph(mirror_dir, tmp_path_factory)
-
-
-def _latest_metadata(home: Path, key: dg.AssetKey) -> dict[str, object]:
-    with dg.DagsterInstance.from_config(str(home)) as instance:
-        event = instance.get_latest_materialization_event(key)
-        assert event is not None and event.asset_materialization is not None
-        return {k: v.value for k, v in event.asset_materialization.metadata.items()}
-
-
-def test_sources_and_mixture(tiny) -> None:
-    data, home, _, log = tiny
+def test_sources_and_mixture(graph_run) -> None:
+    data, _, _, _ = graph_run
     for source in SFT_SOURCES:
         rows = pl.read_parquet(data / "sft_sources" / source.id / "rows.parquet")
         assert rows.height > 0 and rows["source"].unique().to_list() == [source.id]
         assert (data / "sft_sources" / source.id / "rejects.parquet").exists()
-    assert "rows_valid" in log and "sft_sources/dolly" in log
+    assert_checks_passed(
+        graph_run, *(f"sft_sources/{source.id}:rows_valid" for source in SFT_SOURCES)
+    )
     mix = data / "sft_mixture"
     train, val = pl.read_parquet(mix / "train.parquet"), pl.read_parquet(mix / "val.parquet")
     stats = json.loads((mix / "stats.json").read_text())
@@ -52,29 +41,29 @@ def test_sources_and_mixture(tiny) -> None:
     assert stats["sources"]["gsm_hard"]["rejected"] == {"contaminated:gsm8k_test": 1319}
     assert stats["sources"]["self_instruct"]["rejected"] == {"contaminated:alpaca_eval": 252}
     assert max(s["train_unique"] + s["val"] for s in stats["sources"].values()) <= 200  # tiny cap
-    meta = _latest_metadata(home, dg.AssetKey("sft_mixture"))
+    meta = latest_metadata(graph_run, dg.AssetKey("sft_mixture"))
     assert meta["train_rows"] == train.height and "per_source" in meta
-    for check in ("sft_mixture_clean", "sft_mixture_trainable"):
-        assert check in log  # blocking checks ran (a failure would have failed the run)
+    assert_checks_passed(
+        graph_run, "sft_mixture:sft_mixture_clean", "sft_mixture:sft_mixture_trainable"
+    )
 
 
-def test_sft_weights_end_to_end(tiny) -> None:
-    from mlflow import MlflowClient
-
-    data, home, _, _ = tiny
+def test_sft_weights_end_to_end(graph_run) -> None:
+    data, _, _, _ = graph_run
     out = data / "sft_weights"
     for name in ("model.safetensors", "config.json", "tokenizer.json"):
         assert (out / name).exists()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 30 and metrics["packing"] is True
     assert metrics["val_loss_after"] < metrics["val_loss_before"]  # SFT helped on replies
-    meta = _latest_metadata(home, dg.AssetKey("sft_weights"))
+    assert_checks_passed(graph_run, "sft_weights:sft_beats_pretrained")  # not blocking
+    meta = latest_metadata(graph_run, dg.AssetKey("sft_weights"))
     assert meta["val_loss_pretrained"] == pytest.approx(metrics["val_loss_before"])
     assert meta["final_val_loss"] == pytest.approx(metrics["val_loss_after"])
     assert "What is the capital of France?" in str(meta["answers"])
     assert str(meta["mlflow_run"]).startswith("http")
     assert float(str(meta["wall_time_s"])) < 60, "tiny SFT should take well under a minute"
-    client = MlflowClient(tracking_uri=f"sqlite:///{data / 'mlflow.db'}")
+    client = graph_run.mlflow_client()
     exp = client.get_experiment_by_name("scriptorium")
     [run] = client.search_runs([exp.experiment_id], "tags.`dagster.asset_key` = 'sft_weights'")
     assert {"upstream.sft_mixture", "upstream.pretrained_weights"} <= set(run.data.tags)
@@ -82,12 +71,12 @@ def test_sft_weights_end_to_end(tiny) -> None:
     assert client.search_model_versions("name='scriptorium-sft'")
 
 
-def test_chat_cli_multi_turn(tiny, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_chat_cli_multi_turn(graph_run, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     from llm_core.sft import encode_prompt
     from llm_core.tokenizer import load_tokenizer
     from pipeline.cli import _fit_history, main
 
-    weights = tiny[0] / "sft_weights"
+    weights = graph_run.data / "sft_weights"
     turns = "Hello!\nWhat is two plus two?\n/reset\nWrite a poem.\n/exit\nnever read\n"
     monkeypatch.setattr("sys.stdin", io.StringIO(turns))
     args = ["chat", "--weights", str(weights), "--temperature", "0", "--max-new-tokens", "12"]

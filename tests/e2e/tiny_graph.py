@@ -1,64 +1,122 @@
-"""The whole tiny graph through the real ``dagster`` CLI, run once per test session.
+"""The session's one whole-graph run, ``dagster asset materialize --select '*'``, and its readers.
 
-Both ``test_tiny_pipeline.py`` and ``test_tiny_sft.py`` read what one run leaves behind; a
-module-scoped fixture imported into a second module would run the graph a second time (pytest
-builds one fixture definition per module), so the run is memoised here instead, keyed by the
-session's ``tmp_path_factory``.
+The run is the real ``dagster`` CLI on the tiny profile, against the deployment of
+tests/e2e/stack.py: Dagster's runs and events in its PostgreSQL, MLflow on its server, artefacts
+in its code server's data root. It starts in the background with the session and the
+``graph_run`` fixture (tests/e2e/conftest.py) waits for it; the tiny-profile, stage, Postgres and
+browser tests all read what it left. Asset check outcomes are read from the run's Dagster
+instance (:func:`check_evaluations`), not from the CLI log: a non-blocking check that fails
+leaves the run successful and its name in the log.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, NamedTuple
 
+import dagster as dg
 import pytest
-
-from pipeline.sources.mirror import MirrorServer
 
 REPO = Path(__file__).resolve().parents[2]
 DAGSTER = Path(sys.executable).parent / "dagster"
-TinyRun = tuple[Path, Path, dict[str, str], str]  # data root, DAGSTER_HOME, env, CLI log
-_RUNS: dict[int, tuple[TinyRun, int]] = {}
+CLI_JOB = "__ASSET_JOB"  # the implicit job that `dagster asset materialize` runs
 
 
-def _run(mirror_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[TinyRun, int]:
-    data = tmp_path_factory.mktemp("data")
-    home = tmp_path_factory.mktemp("dagster_home")
-    (home / "dagster.yaml").write_text((REPO / "dagster_home" / "dagster.yaml").read_text())
-    with MirrorServer(mirror_dir) as server:
-        env = {
-            **os.environ,
-            "SCRIPTORIUM_DATA": str(data),
-            "SCRIPTORIUM_PROFILE": "tiny",
-            "GUTENBERG_MIRROR": server.url,
-            "HF_ENDPOINT": server.url,
-            "SCRIPTORIUM_FILES_MIRROR": f"{server.url}/files",
-            "HF_HOME": str(tmp_path_factory.mktemp("hf_home")),  # no saved token, no user cache
-            "DAGSTER_HOME": str(home),
-            "PYTHONUNBUFFERED": "1",
-        }
-        for name in ("MLFLOW_TRACKING_URI", "HF_TOKEN"):
-            env.pop(name, None)
-        proc = subprocess.run(
-            [str(DAGSTER), "asset", "materialize", "-m", "pipeline.definitions", "--select", "*"],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-    log = proc.stdout + proc.stderr
-    (data / "cli.log").write_text(log)
-    return (data, home, env, log), proc.returncode
+def graph_command() -> list[str]:
+    """The whole graph through the CLI, as ``make run`` does."""
+    return [str(DAGSTER), "asset", "materialize", "-m", "pipeline.definitions", "--select", "*"]
 
 
-def run_tiny_graph(mirror_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
-    """The session's tiny run (started on first use); fails with the log's tail if it failed."""
-    key = id(tmp_path_factory)
-    if key not in _RUNS:
-        _RUNS[key] = _run(mirror_dir, tmp_path_factory)
-    run, returncode = _RUNS[key]
-    assert returncode == 0, run[3][-6000:]
-    return run
+class GraphRun(NamedTuple):
+    """What the whole-graph run left: its data root, ``DAGSTER_HOME`` (``docker/dagster.yaml``,
+    resolved against ``env``), the environment it ran with, and the CLI's log."""
+
+    data: Path
+    home: Path
+    env: dict[str, str]
+    log: str
+
+    @property
+    def tracking_uri(self) -> str:
+        """The MLflow server the run tracked to."""
+        return self.env["MLFLOW_TRACKING_URI"]
+
+    def mlflow_client(self) -> Any:  # an mlflow.MlflowClient
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=self.tracking_uri)
+
+    @contextlib.contextmanager
+    def instance(self) -> Iterator[dg.DagsterInstance]:
+        """The run's Dagster instance (Postgres-backed): ``docker/dagster.yaml`` reads its
+        settings from ``DAGSTER_*`` variables, set in this process while the instance is open."""
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in self.env.items():
+                if key.startswith("DAGSTER_"):
+                    mp.setenv(key, value)
+            with dg.DagsterInstance.from_config(str(self.home)) as instance:
+                yield instance
+
+
+_RUN_IDS: dict[Path, str] = {}
+
+
+def cli_run_id(run: GraphRun) -> str:
+    """The id of the CLI run: the one ``__ASSET_JOB`` run of every asset in the instance (the
+    queued test run is a ``full_pipeline`` run, the UI's catalog run selects one asset, and
+    ``test_tiny_pipeline.py``'s second materialisation uses its own instance)."""
+    if run.home not in _RUN_IDS:
+        from pipeline.definitions import defs
+
+        every_asset = set(defs.resolve_asset_graph().get_all_asset_keys())
+        with run.instance() as instance:
+            runs = [
+                r
+                for r in instance.get_runs(dg.RunsFilter(job_name=CLI_JOB))
+                if set(r.asset_selection or ()) == every_asset
+            ]
+        assert len(runs) == 1, [(r.run_id, r.asset_selection) for r in runs]
+        _RUN_IDS[run.home] = runs[0].run_id
+    return _RUN_IDS[run.home]
+
+
+def check_evaluations(run: GraphRun) -> dict[str, dg.AssetCheckEvaluation]:
+    """Every asset check evaluation of the CLI run, by ``asset:check`` name, from the event log of
+    the Dagster instance the run used. Non-blocking checks included: their failure does not fail
+    the run, so only their recorded outcome shows it."""
+    run_id = cli_run_id(run)
+    with run.instance() as instance:
+        entries = instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+    evaluations = [e.get_dagster_event().event_specific_data for e in entries]
+    out = {ev.asset_check_key.to_user_string(): ev for ev in evaluations}
+    assert len(out) == len(evaluations), "a check was evaluated twice in one run"
+    return out
+
+
+def assert_checks_passed(run: GraphRun, *names: str) -> None:
+    """Each named check (``asset:check``) was evaluated in the CLI run, and passed."""
+    evaluations = check_evaluations(run)
+    missing = [n for n in names if n not in evaluations]
+    assert not missing, f"checks never evaluated: {missing}; evaluated: {sorted(evaluations)}"
+    failed = {
+        n: (evaluations[n].severity.value, {k: v.value for k, v in evaluations[n].metadata.items()})
+        for n in names
+        if not evaluations[n].passed
+    }
+    assert not failed, f"asset checks failed: {failed}"
+
+
+def latest_metadata(run: GraphRun, key: dg.AssetKey) -> dict[str, object]:
+    """The metadata of the asset's materialisation in the CLI run (its latest, as in a one-run
+    instance: later test runs in the deployment materialise other assets, or into their own
+    instance)."""
+    run_id = cli_run_id(run)
+    with run.instance() as instance:
+        entries = instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION)
+    events = [e.asset_materialization for e in entries if e.asset_materialization is not None]
+    mats = [m for m in events if m.asset_key == key]
+    assert mats, f"{key.to_user_string()} not materialised in the CLI run {run_id}"
+    return {k: v.value for k, v in mats[-1].metadata.items()}
