@@ -18,6 +18,7 @@ from typing import Any
 
 import dagster as dg
 
+from pipeline.artefacts import STAGE_ASSETS
 from pipeline.launch import StageResources, launch_training
 from pipeline.resources import Compute, MlflowTracking, Paths, Profile, profile_code_version
 
@@ -25,7 +26,8 @@ GROUP = "training"  # the train_job runs every training stage, one at a time (po
 CODE_VERSION = "1"
 REWARD_MODEL = "scriptorium-reward"
 RLHF_MODEL = "scriptorium-rlhf"
-METHODS = ("dpo", "grpo", "best_of_n")
+# The alignment stages: every stage whose artefact is rlhf_weights (pipeline/artefacts.py).
+METHODS = tuple(stage for stage, asset in STAGE_ASSETS.items() if asset == "rlhf_weights")
 
 
 class RewardConfig(dg.Config):
