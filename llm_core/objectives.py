@@ -18,7 +18,7 @@ is imported when a :class:`GRPOObjective` is built, not at module level.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
@@ -27,11 +27,8 @@ from torch import nn
 
 from llm_core.checkpoint import unwrap_model
 
-if TYPE_CHECKING:
-    from tokenizers import Tokenizer
-
-    from llm_core.align import Messages
-    from llm_core.rl import GRPOConfig, RewardFn, Rollout
+if TYPE_CHECKING:  # rl imports the trainer, which imports this module
+    from llm_core.rl import GroupRollouts, Rollout
 
 Batch = tuple[torch.Tensor, torch.Tensor] | Mapping[str, torch.Tensor]
 Metrics = dict[str, torch.Tensor]
@@ -270,7 +267,7 @@ class GRPOObjective:
     """GRPO's loss over rollouts it samples itself (see :mod:`llm_core.rl`).
 
     A batch of :class:`llm_core.rl.RolloutSampler` names prompts and a rollout id; the first time
-    an id is seen, :class:`llm_core.rl.GroupRollouts` samples ``group_size`` replies per prompt
+    an id is seen, its :class:`llm_core.rl.GroupRollouts` (given to the constructor) samples ``group_size`` replies per prompt
     from the current policy and scores them. The loss is the PPO-style clipped surrogate of the
     group-normalised advantages with a KL penalty to the frozen reference (the k3 estimator
     ``exp(q) - q - 1`` with ``q = log ref - log pi``, unbiased and never negative). A rollout is
@@ -280,20 +277,9 @@ class GRPOObjective:
     ``history`` keeps one entry per rollout (mean reward, reply length) for the run summary.
     """
 
-    def __init__(
-        self,
-        reference: nn.Module,
-        tokenizer: Tokenizer,
-        prompts: Sequence[Messages],
-        reward_fn: RewardFn,
-        cfg: GRPOConfig,
-        *,
-        seed: int = 0,
-    ) -> None:
-        from llm_core.rl import GroupRollouts  # not at module level: see the docstring
-
-        self.cfg = cfg
-        self.rollouts = GroupRollouts(reference, tokenizer, prompts, reward_fn, cfg, seed=seed)
+    def __init__(self, rollouts: GroupRollouts) -> None:
+        self.cfg = rollouts.cfg
+        self.rollouts = rollouts
         self._cache: dict[int, Rollout] = {}  # the rollouts of the current optimiser steps
 
     @property

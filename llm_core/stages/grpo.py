@@ -15,6 +15,7 @@ from typing import Any
 from llm_core.align import frozen_copy, unique_prompts
 from llm_core.objectives import GRPOObjective
 from llm_core.rl import (
+    GroupRollouts,
     GRPOConfig,
     RewardFn,
     RolloutSampler,
@@ -55,7 +56,7 @@ def run(
         tok, info = s.tokenizer, s.info
         assert tok is not None
         objective = GRPOObjective(
-            frozen_copy(s.model), tok, prompts, reward_fn, grpo, seed=cfg.seed
+            GroupRollouts(frozen_copy(s.model), tok, prompts, reward_fn, grpo, seed=cfg.seed)
         )
         sampler = RolloutSampler(
             len(prompts),

@@ -14,6 +14,7 @@ from llm_core.align import frozen_copy
 from llm_core.checkpoint import load_weights
 from llm_core.objectives import GRPOObjective
 from llm_core.rl import (
+    GroupRollouts,
     GRPOConfig,
     RolloutSampler,
     group_advantages,
@@ -87,7 +88,7 @@ def test_first_update_is_a_pure_policy_gradient(chat_tok, files) -> None:
     zero-mean per group, so is the loss; its gradient is still the policy gradient."""
     model = load_weights(files[0])
     cfg = GRPOConfig(group_size=4, prompts_per_step=2, max_new_tokens=6)
-    obj = GRPOObjective(frozen_copy(model), chat_tok, PROMPTS, count_e, cfg, seed=0)
+    obj = GRPOObjective(GroupRollouts(frozen_copy(model), chat_tok, PROMPTS, count_e, cfg, seed=0))
     batch = {"prompt_index": torch.tensor([0, 5]), "rollout": torch.tensor(0)}
     batch["keep_from"] = torch.tensor(0)
     loss, m = obj(model, batch)
