@@ -17,14 +17,7 @@ from typing import Any
 
 import dagster as dg
 
-from llm_core.config import (
-    ModelConfig,
-    TrainConfig,
-    load_profile,
-    model_config_from_profile,
-    profile_path,
-    train_config_from_profile,
-)
+from llm_core.config import load_profile, profile_path
 from pipeline.artefacts import Artefacts, data_root
 
 GUTENBERG_DEFAULT = "https://www.gutenberg.org"
@@ -82,12 +75,6 @@ class Profile(dg.ConfigurableResource):
 
     def section(self, key: str) -> dict[str, Any]:
         return dict(self.load().get(key) or {})
-
-    def get_model_config(self) -> ModelConfig:
-        return model_config_from_profile(self.load())
-
-    def get_train_config(self, stage: str) -> TrainConfig:
-        return train_config_from_profile(self.load(), stage)
 
 
 class GutenbergSource(dg.ConfigurableResource):
