@@ -117,7 +117,7 @@ def launch_stage(
         "tracking": tracking.to_dict(),
         "data_version": version_hash(upstream, *version_parts),
     }
-    env = {**os.environ, EXTRAS_ENV: json.dumps(extras)}
+    env = {**os.environ, **compute.child_env(os.environ), EXTRAS_ENV: json.dumps(extras)}
     invocation = pipes_client.run(
         command=child_command(compute), context=context, extras=extras, env=env
     )

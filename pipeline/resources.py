@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -112,10 +113,28 @@ class MlflowTracking(dg.ConfigurableResource):
 
 
 class Compute(dg.ConfigurableResource):
-    """Where training runs: ``device`` (auto/cpu/cuda) and processes per node for ``torchrun``."""
+    """Where training runs: ``device`` (auto/cpu/cuda), processes per node for ``torchrun``, and
+    the OpenMP threads of each child.
+
+    ``threads`` 0 gives each process its share of the cores this process may use. OpenMP waits
+    ``PASSIVE`` by default: spinning threads cost 3-7x whenever anything else shares the cores
+    (``benchmarks/train_throughput.py``), a little when nothing does. An ``OMP_NUM_THREADS`` or
+    ``OMP_WAIT_POLICY`` already in the environment wins, so a user's explicit choice is kept.
+    """
 
     device: str = "auto"
     nproc_per_node: int = 1
+    threads: int = 0
+    omp_wait_policy: str = "PASSIVE"
+
+    def child_env(self, environ: Mapping[str, str]) -> dict[str, str]:
+        """The thread settings a training or evaluation child starts with."""
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        threads = self.threads or max(1, (cores or 1) // max(self.nproc_per_node, 1))
+        return {
+            "OMP_NUM_THREADS": environ.get("OMP_NUM_THREADS") or str(threads),
+            "OMP_WAIT_POLICY": environ.get("OMP_WAIT_POLICY") or self.omp_wait_policy,
+        }
 
 
 def profile_code_version(base: str, *keys: str, env: dict[str, str] | None = None) -> str:
@@ -153,5 +172,6 @@ def resources_from_env(env: dict[str, str] | None = None) -> dict[str, Any]:
         "compute": Compute(
             device=env.get("SCRIPTORIUM_DEVICE", "auto"),
             nproc_per_node=int(env.get("SCRIPTORIUM_NPROC", "1")),
+            threads=int(env.get("SCRIPTORIUM_THREADS", "0")),
         ),
     }

@@ -231,7 +231,8 @@ class StageResult:
 
 
 def runtime() -> dict[str, str]:
-    """What the numbers depend on besides the config: the torch build and the CPU's kernels."""
+    """What the numbers depend on besides the config: the torch build, the CPU's kernels and
+    the threads (their count and OpenMP's wait policy move CPU throughput several-fold)."""
     import torch
 
     from llm_core.kernels import cpu_bf16_kernels
@@ -240,6 +241,8 @@ def runtime() -> dict[str, str]:
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_bf16_kernels": cpu_bf16_kernels(),
+        "threads": str(torch.get_num_threads()),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(OpenMP default)"),
     }
 
 

@@ -73,6 +73,8 @@ def evaluation_report(
         pipes_client=pipes,
         paths=paths,
         mlflow=mlflow,
-        compute=Compute(device=compute.device),  # scoring runs in one process
+        compute=Compute(  # scoring runs in one process, on all the cores
+            device=compute.device, threads=compute.threads, omp_wait_policy=compute.omp_wait_policy
+        ),
         profile_name=str(p.get("name")),
     )

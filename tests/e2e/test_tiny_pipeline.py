@@ -9,6 +9,7 @@ A second test re-materialises ``pretrained_weights`` alone through ``dagster.mat
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -79,6 +80,12 @@ def test_pretrained_weights_and_mlflow(graph_run) -> None:
     assert "loss" in run.data.metrics
     assert run.data.params["model.n_layer"] == "2"
     assert run.data.params["runtime.cpu_bf16_kernels"] in ("native", "emulated")
+    # The child's threads were chosen by the Compute resource, not left to OpenMP's defaults.
+    cores = len(os.sched_getaffinity(0))
+    assert run.data.params["runtime.threads"] == os.environ.get("OMP_NUM_THREADS", str(cores))
+    assert run.data.params["runtime.omp_wait_policy"] == os.environ.get(
+        "OMP_WAIT_POLICY", "PASSIVE"
+    )
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model", "plots"} <= artifacts
     versions = client.search_model_versions("name='scriptorium-pretrained'")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import yaml
 
 from pipeline.resources import profile_code_version, resources_from_env
@@ -36,3 +38,16 @@ def test_profile_code_version_changes_only_with_the_sections_read(tmp_path) -> N
     assert profile_code_version("1", "clean", env=env) == before_clean
     assert profile_code_version("1", "model", env=env) != before_model
     assert profile_code_version("1", "x", env={"SCRIPTORIUM_PROFILE": "missing"}) == "1"
+
+
+def test_compute_chooses_child_threads_unless_the_environment_already_does() -> None:
+    from pipeline.resources import Compute
+
+    cores = len(os.sched_getaffinity(0))
+    env = Compute(nproc_per_node=2).child_env({})
+    assert env == {"OMP_NUM_THREADS": str(max(1, cores // 2)), "OMP_WAIT_POLICY": "PASSIVE"}
+    assert Compute(threads=3).child_env({})["OMP_NUM_THREADS"] == "3"
+    mine = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "ACTIVE"}
+    assert Compute(threads=3).child_env(mine) == mine
+    res = resources_from_env({"SCRIPTORIUM_THREADS": "5"})
+    assert res["compute"].child_env({})["OMP_NUM_THREADS"] == "5"
