@@ -34,9 +34,9 @@ run: setup
 	  export GUTENBERG_MIRROR=http://127.0.0.1:$(MIRROR_PORT); \
 	  export HF_ENDPOINT=http://127.0.0.1:$(MIRROR_PORT); \
 	  export SCRIPTORIUM_FILES_MIRROR=http://127.0.0.1:$(MIRROR_PORT)/files; \
-	  $(BIN)/dagster asset materialize -m pipeline.definitions --select '*'; \
+	  $(BIN)/scriptorium run $(if $(VERBOSE),--verbose); \
 	else \
-	  $(BIN)/dagster asset materialize -m pipeline.definitions --select '*'; \
+	  $(BIN)/scriptorium run $(if $(VERBOSE),--verbose); \
 	fi
 
 test: setup

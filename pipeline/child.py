@@ -22,22 +22,29 @@ from typing import Any
 
 from llm_core.stages import stage_module
 from llm_core.stages.base import Markdown, Tracking, execute, is_main_rank, run_link
-from llm_core.trainer import Callback
 
 EVALUATION = "evaluation"
 EXTRAS_ENV = "SCRIPTORIUM_STAGE_EXTRAS"  # what torchrun ranks other than 0 read (no Pipes)
 
 
-class PipesProgress(Callback):
-    """Step and eval metrics as Dagster log lines (the UI streams them while the run goes)."""
+class PipesProgress:
+    """Step and eval metrics as Dagster log lines (the UI streams them while the run goes).
 
-    def __init__(self, pipes: Any, every: int) -> None:
-        self.pipes, self.every = pipes, max(every, 1)
+    A duck-typed trainer callback (``llm_core.trainer.Callback``'s hooks, without importing
+    torch: ``pipeline.launch`` imports this module in every Dagster step process).
+
+    A line reads ``step 10/600: loss=…, tokens_per_s=…``: ``scriptorium run`` turns the step
+    count into its progress bar and ETA.
+    """
+
+    def __init__(self, pipes: Any, every: int, total: int = 0) -> None:
+        self.pipes, self.every, self.total = pipes, max(every, 1), total
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
         if step % self.every == 0:
             shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-            self.pipes.log.info(f"step {step}: {shown}")
+            of = f"/{self.total}" if self.total else ""
+            self.pipes.log.info(f"step {step}{of}: {shown}")
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
@@ -71,7 +78,7 @@ def run_training(extras: dict[str, Any], pipes: Any | None) -> None:
         stage.run(config, ())
         return
     tracking = Tracking.from_dict(extras["tracking"])
-    progress = PipesProgress(pipes, config.train.log_every)
+    progress = PipesProgress(pipes, config.train.log_every, config.train.steps)
     result, tracked = execute(stage, config, tracking, [progress], log_line=pipes.log.info)
     assert tracked is not None
     figures = {

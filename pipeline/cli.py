@@ -16,6 +16,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from pipeline import run_view
+
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
@@ -351,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(subparsers)
     _add_import(subparsers)
     _add_train(subparsers)
+    run_view.add_parser(subparsers)
     return parser
 
 

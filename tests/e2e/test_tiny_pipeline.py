@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -47,6 +48,25 @@ def test_data_stage_artefacts(graph_run) -> None:
         "bpe_tokenizer:tokenizer_roundtrip",
         "token_shards:shards_valid",
     )
+
+
+def test_make_run_view_is_concise_and_keeps_the_full_log(graph_run) -> None:
+    """``scriptorium run`` (what ``make run`` calls) prints a line per step start and end, the
+    training progress with tokens/s and an ETA, and a summary; Dagster's DEBUG events go to the
+    full log under ``$SCRIPTORIUM_DATA/logs/`` instead of the terminal."""
+    data, _, _, view = graph_run
+    assert "DEBUG" not in view
+    assert "▶ pretrained_weights" in view and "✓ pretrained_weights (" in view
+    assert re.search(
+        r"pretrained_weights \d+/40 ▕[█░]+▏ · loss [0-9.]+ · [0-9,]+ tok/s · ETA", view
+    )
+    assert re.search(
+        r"✓ done in \d+m\d\ds; \d+ steps; orchestration overhead \d+m\d\ds \(\d+%", view
+    )
+    assert "evaluation_report headline" in view and "UIs: `make ui`" in view
+    (full,) = (data / "logs").glob("materialize-*.log")
+    text = full.read_text()
+    assert "STEP_START" in text and "RUN_SUCCESS" in text and str(full) in view
 
 
 def test_every_asset_check_ran_and_passed(graph_run) -> None:
