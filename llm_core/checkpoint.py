@@ -6,13 +6,23 @@ arbitrary code, and model files travel between machines and MLflow. Tied tensors
 
 A training checkpoint is a directory ``step_XXXXXXXX/`` written under a temporary name and renamed
 into place, so ``latest_checkpoint`` never returns a half-written one even if the process dies
-mid-save. Optimiser and RNG state hold only tensors and plain containers and are read back with
-``torch.load(weights_only=True)``, which refuses anything that would need unpickling code.
+mid-save; the temporary folders a killed save leaves (``.tmp-step_*``) are removed by the next save
+or resume. Its ``trainer_state.json`` records the SHA-256 of every file, and
+``load_checkpoint`` verifies them before loading anything: a flipped byte in the weights or the
+optimiser state is an error naming the file, not NaN weights. Optimiser and RNG state hold only
+tensors and plain containers and are read back with ``torch.load(weights_only=True)``, which
+refuses anything that would need unpickling code.
+
+Weights and their ``config.json`` are one unit: the safetensors header carries the config it was
+saved with (``scriptorium.config``), and :func:`load_config` prefers it, so a crash between the
+two atomic renames can never pair new weights with an old config.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -41,12 +51,19 @@ OPTIMIZER_NAME = "optimizer.pt"
 RNG_NAME = "rng.pt"
 CKPT_FORMAT = "scriptorium-ckpt/1"
 _TIED_KEY = "scriptorium.tied"
+_CONFIG_KEY = "scriptorium.config"
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+_STALE_DIR = re.compile(r"^\.(?:tmp|old)-step_\d{8}-")
+log = logging.getLogger(__name__)
 
 
 class NonFiniteWeightsError(ValueError):
     """Raised instead of writing weights that contain NaN/Inf."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file whose bytes no longer match the checksum recorded when it was saved."""
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -93,10 +110,13 @@ def save_weights(model: nn.Module, out_dir: str | Path) -> Path:
     _check_finite(state, f"weights to {out}")
     unique, tied = _dedupe_tied(state)
     tensors = {k: v.to("cpu").contiguous() for k, v in unique.items()}
+    config: ModelConfig = raw.config  # type: ignore[assignment]
+    config_json = json.dumps(config.to_dict(), indent=2) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS_NAME}.", suffix=".tmp", dir=out)
     os.close(fd)
+    meta = {"format": "pt", _TIED_KEY: json.dumps(tied), _CONFIG_KEY: config_json}
     try:
-        save_file(tensors, tmp, metadata={"format": "pt", _TIED_KEY: json.dumps(tied)})
+        save_file(tensors, tmp, metadata=meta)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, out / WEIGHTS_NAME)
@@ -104,8 +124,7 @@ def save_weights(model: nn.Module, out_dir: str | Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(out)
-    config: ModelConfig = raw.config  # type: ignore[assignment]
-    atomic_write_bytes(out / CONFIG_NAME, (json.dumps(config.to_dict(), indent=2) + "\n").encode())
+    atomic_write_bytes(out / CONFIG_NAME, config_json.encode())
     return out / WEIGHTS_NAME
 
 
@@ -140,15 +159,33 @@ def load_state_dict(
     return state
 
 
+def load_config(path: str | Path) -> ModelConfig:
+    """The config the weights at ``path`` were saved with.
+
+    The copy inside the safetensors header wins over ``config.json`` (files written before it
+    existed have only the latter): weights and config then always match, even after a crash
+    between their two renames left a ``config.json`` from another save beside them.
+    """
+    f = _weights_file(path)
+    with safe_open(str(f), framework="pt") as fh:
+        embedded = (fh.metadata() or {}).get(_CONFIG_KEY)
+    cfg_path = f.parent / CONFIG_NAME
+    if embedded is not None:
+        cfg = ModelConfig.from_dict(json.loads(embedded))
+        if cfg_path.is_file() and json.loads(cfg_path.read_text()) != cfg.to_dict():
+            log.warning("%s does not match the config saved in %s; using the latter", cfg_path, f)
+        return cfg
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path}: missing model config beside {f.name}")
+    return ModelConfig.load(cfg_path)
+
+
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> Transformer:
     """Rebuild a ``Transformer`` from a directory written by ``save_weights`` (safetensors only)."""
     from llm_core.model import Transformer
 
     f = _weights_file(path)
-    cfg_path = f.parent / CONFIG_NAME
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path}: missing model config beside {f.name}")
-    model = Transformer(ModelConfig.load(cfg_path))
+    model = Transformer(load_config(f))
     model.load_state_dict(load_state_dict(f), strict=True)
     return model.to(device)
 
@@ -209,6 +246,46 @@ def _step_dirs(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def remove_stale_temps(ckpt_dir: str | Path) -> int:
+    """Delete the ``.tmp-step_*``/``.old-step_*`` folders of killed saves; returns how many.
+
+    Only the process that saves (rank 0) may call this: it assumes no save is in flight.
+    """
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return 0
+    stale = [p for p in root.iterdir() if _STALE_DIR.match(p.name) and p.is_dir()]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    if stale:
+        log.info("removed %d folder(s) of interrupted checkpoint saves in %s", len(stale), root)
+    return len(stale)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise :class:`CorruptCheckpointError` naming the first file whose SHA-256 differs from
+    ``trainer_state.json``'s record (checkpoints saved before the record are accepted as is)."""
+    p = Path(path)
+    recorded = json.loads((p / STATE_NAME).read_text()).get("checksums", {})
+    for name, digest in recorded.items():
+        f = p / name
+        if Path(name).name != name or not f.is_file():
+            raise CorruptCheckpointError(f"{f}: listed in {STATE_NAME} but missing")
+        if _sha256(f) != digest:
+            raise CorruptCheckpointError(
+                f"{f}: SHA-256 differs from the one recorded at save time (the file changed on "
+                "disk); delete this checkpoint folder to resume from the previous one"
+            )
+
+
 def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
     """The complete checkpoint with the highest step, or ``None``."""
     dirs = _step_dirs(Path(ckpt_dir))
@@ -234,6 +311,7 @@ def save_checkpoint(
     """
     root = Path(ckpt_dir)
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(root)
     final = root / f"step_{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     try:
@@ -248,6 +326,7 @@ def save_checkpoint(
             "scheduler": scheduler_state or {},
             "sampler": sampler_state or {},
             "extra": extra or {},
+            "checksums": {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()},
         }
         atomic_write_bytes(tmp / STATE_NAME, (json.dumps(state, indent=2) + "\n").encode())
         if final.exists():  # re-saving a step (e.g. after a resume): swap, then drop the old one
@@ -281,6 +360,7 @@ def load_checkpoint(
     meta = json.loads(state_file.read_text())
     if meta.get("format") != CKPT_FORMAT:
         raise ValueError(f"{state_file}: unsupported checkpoint format {meta.get('format')!r}")
+    verify_checkpoint(p)
     raw = unwrap_model(model)
     device = next(raw.parameters()).device
     raw.load_state_dict(load_state_dict(p, device=device), strict=True)

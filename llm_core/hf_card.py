@@ -6,6 +6,7 @@ The card's facts come in as a plain dict; ``pipeline.model_card`` gathers them f
 
 from __future__ import annotations
 
+import html
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,8 +25,14 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _text(text: Any) -> str:
+    """Card text with ``<``, ``>``, ``&`` as entities: dataset names, licences, notes and stage
+    descriptions come from configs and upstream metadata, and the Hub renders raw HTML."""
+    return html.escape(str(text), quote=False)
+
+
 def _cell(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    return _text(text).replace("|", "\\|").replace("\n", " ")
 
 
 def render_model_card(
@@ -40,7 +47,7 @@ def render_model_card(
     id and goes into the front matter, the rest into the body's table); ``stages``: list of
     ``{name, description}``; ``eval``: ``{figure: value}`` headline numbers; ``notes``: text.
     """
-    name = card.get("model_name") or "scriptorium-model"
+    name = _text(card.get("model_name") or "scriptorium-model").replace("\n", " ")
     datasets = list(card.get("datasets") or [])
     meta: dict[str, Any] = {
         "library_name": "transformers",
@@ -53,7 +60,7 @@ def render_model_card(
     if meta["license"] == "other" and "license_name" not in meta:
         meta["license_name"] = "mixed-data-licences"
     meta["language"] = list(card.get("language") or ["en"])
-    arch_tag = "gpt2" if cfg.arch == "gpt2" else "llama"
+    arch_tag = "gpt2" if cfg.arch == "gpt2" else "mixtral" if cfg.moe else "llama"
     meta["tags"] = list(dict.fromkeys(["scriptorium", "from-scratch", arch_tag, "text-generation",
                                        *(card.get("tags") or [])]))  # fmt: skip
     hub_ids = [d["id"] for d in datasets if d.get("id")]
@@ -64,6 +71,7 @@ def render_model_card(
     front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
 
     hf_arch = "GPT2LMHeadModel" if cfg.arch == "gpt2" else "LlamaForCausalLM"
+    hf_arch = "MixtralForCausalLM" if cfg.moe is not None else hf_arch
     size = f"{n_params / 1e6:.2f}M-parameter " if n_params else ""
     lines = [
         f"---\n{front}---",
@@ -88,6 +96,8 @@ def render_model_card(
     ]
     if cfg.arch == "llama":
         lines.append(f"| RoPE theta / RMSNorm eps | {cfg.rope_theta:g} / {cfg.norm_eps:g} |")
+    if cfg.moe is not None:
+        lines.append(f"| experts / routed per token | {cfg.moe.n_experts} / {cfg.moe.top_k} |")
     lines += [
         "",
         "## Usage",
@@ -110,8 +120,8 @@ def render_model_card(
     if stages:
         lines += ["", "## Training stages", ""]
         for s in stages:
-            desc = f": {s['description']}" if s.get("description") else ""
-            lines.append(f"1. **{s['name']}**{desc}")
+            desc = f": {_text(s['description'])}" if s.get("description") else ""
+            lines.append(f"1. **{_text(s['name'])}**{desc}")
     if datasets:
         lines += ["", "## Training data and licences", "", "| data | role | licence | source |",
                   "|---|---|---|---|"]  # fmt: skip
@@ -130,7 +140,7 @@ def render_model_card(
     else:
         lines.append("No evaluation report was available when this folder was exported.")
     if card.get("notes"):
-        lines += ["", str(card["notes"])]
+        lines += ["", _text(card["notes"])]
     lines += [
         "",
         "## Limitations",

@@ -18,6 +18,7 @@ import polars as pl
 
 # One implementation, shared with llm_core (it also fsyncs the directory); re-exported here.
 from llm_core.data import atomic_write_bytes  # noqa: F401
+from llm_core.data.shards import fsync_dir
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -29,15 +30,21 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def atomic_write_parquet(df: pl.DataFrame, path: str | Path) -> None:
+    """Parquet through a temp file that is fsynced before the rename (and the folder after it),
+    so a power cut leaves the old file or the complete new one, never an empty or torn one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        df.write_parquet(tmp)
+        with open(tmp, "wb") as fh:
+            df.write_parquet(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
 
 
 def sha256_file(path: str | Path) -> str:

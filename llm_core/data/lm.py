@@ -26,6 +26,13 @@ def _stack(
         if starts
         else np.empty((0, seq_len + 1), dtype=np.int64)
     )
+    # The shards were checked when opened; this catches bytes changed under the mmap since
+    # (microseconds per batch), before an id past the vocabulary reaches the embedding.
+    if rows.size and int(rows.max()) >= shards.vocab_size:
+        raise ValueError(
+            f"{shards.root}: split {shards.split!r} holds token id {int(rows.max())} outside the "
+            f"vocabulary of {shards.vocab_size} (the shard changed on disk)"
+        )
     t = torch.from_numpy(rows)
     return t[:, :-1].contiguous(), t[:, 1:].contiguous()
 

@@ -12,14 +12,22 @@ copy.
 Writers never expose a half-written file: every shard and the manifest go to a temporary name and
 are ``os.replace``-d into place, so a crash leaves either the old state or the new, never a torn
 ``.npy`` that a later run would mmap and train on.
+
+Bytes that change *after* writing (bit rot, a bad copy, tampering) are caught when a run opens the
+shards: the manifest records a CRC-32 per shard (a few ms per 8 MB shard) beside the SHA-256 the
+asset check verifies, :class:`TokenShards` checks it, and it checks that every id is below
+``vocab_size`` (one vectorised ``max`` per shard), so a flipped byte is an error naming the
+shard instead of an embedding lookup past the vocabulary.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -141,14 +149,20 @@ class ShardWriter:
                 np.save(fh, np.ascontiguousarray(shard), allow_pickle=False)
                 fh.flush()
                 os.fsync(fh.fileno())
-            digest = _sha256_file(Path(tmp))
+            digest, crc = _digests(Path(tmp))
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
         fsync_dir(self.out_dir)
         self._entries.append(
-            {"file": name, "split": self.split, "tokens": int(shard.size), "sha256": digest}
+            {
+                "file": name,
+                "split": self.split,
+                "tokens": int(shard.size),
+                "sha256": digest,
+                "crc32": crc,
+            }
         )
 
     def close(self) -> list[dict[str, Any]]:
@@ -173,6 +187,41 @@ def _sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _digests(path: Path) -> tuple[str, int]:
+    """SHA-256 and CRC-32 of a file in one read."""
+    h, crc = hashlib.sha256(), 0
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+            crc = zlib.crc32(chunk, crc)
+    return h.hexdigest(), crc
+
+
+def crc32_file(path: Path) -> int:
+    """CRC-32 of a file through a read-only mmap (no copy; ~3 GB/s with zlib's SIMD code)."""
+    with open(path, "rb") as fh:
+        if os.fstat(fh.fileno()).st_size == 0:
+            return 0
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            return zlib.crc32(mm)
+
+
+def verify_shard(root: Path, entry: dict[str, Any], arr: np.ndarray, vocab_size: int) -> None:
+    """Raise ``ValueError`` naming the shard when its bytes differ from the manifest's record
+    (CRC-32, else SHA-256 for manifests written before it) or an id is ``>= vocab_size``."""
+    path = root / entry["file"]
+    if "crc32" in entry:
+        if crc32_file(path) != int(entry["crc32"]):
+            raise ValueError(
+                f"{path}: CRC-32 differs from the manifest (the shard changed on disk)"
+            )
+    elif "sha256" in entry and _sha256_file(path) != entry["sha256"]:
+        raise ValueError(f"{path}: SHA-256 differs from the manifest (the shard changed on disk)")
+    top = int(arr.max()) if arr.size else 0
+    if top >= vocab_size:
+        raise ValueError(f"{path}: token id {top} outside the vocabulary of {vocab_size}")
 
 
 _REQUIRED = ("format", "dtype", "vocab_size", "eot_id", "tokens_per_shard", "splits", "shards")
@@ -257,9 +306,13 @@ def read_manifest(shards_dir: str | Path, *, verify_hashes: bool = False) -> dic
 
 
 class TokenShards:
-    """Read-only, memory-mapped view of one split as a single flat token sequence."""
+    """Read-only, memory-mapped view of one split as a single flat token sequence.
 
-    def __init__(self, shards_dir: str | Path, split: str) -> None:
+    Opening verifies each shard of the split (:func:`verify_shard`: checksum and id range);
+    ``verify=False`` skips that, for tools that only read the manifest's numbers.
+    """
+
+    def __init__(self, shards_dir: str | Path, split: str, *, verify: bool = True) -> None:
         self.root = Path(shards_dir)
         self.manifest = read_manifest(self.root)
         if split not in self.manifest["splits"]:
@@ -282,6 +335,8 @@ class TokenShards:
                     f"{self.root / s['file']}: expected 1-D {dtype} with {s['tokens']} tokens, "
                     f"got {arr.ndim}-D {arr.dtype} with {arr.size}"
                 )
+            if verify:
+                verify_shard(self.root, s, arr, self.vocab_size)
             self._arrays.append(arr)
         self._starts = np.cumsum([0] + [a.size for a in self._arrays])
 

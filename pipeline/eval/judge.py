@@ -12,6 +12,10 @@ order figures):
   An LLM judge does have a position bias, so every pair is asked twice with the replies swapped;
   a reply wins only when both orders pick it, a split verdict is a tie, and ``order_agreement``
   is the share of pairs where the two orders agreed.
+
+The judge's credentials (``$JUDGE_API_KEY``, or ``user:key@`` in ``$JUDGE_URL``) never leave this
+module: :func:`redact_url` strips them from every URL that is logged or reported, and an error
+body (which a server may use to echo the key back) is reported with the secrets blanked out.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import numpy as np
 import requests
@@ -39,6 +44,33 @@ _VERDICT = re.compile(r"\b([AB])\b")
 
 
 TIE_TOLERANCE = REWARD_TIE_TOLERANCE
+REDACTED = "***"
+
+
+def redact_url(url: str) -> str:
+    """``url`` without ``user:password@`` (the host and port stay, so the report still says
+    which judge it was)."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{REDACTED}@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def redact(text: str, *secrets: str | None) -> str:
+    """``text`` with every non-empty secret (and its percent-decoded form) blanked out."""
+    for secret in secrets:
+        for form in {secret, unquote(secret)} if secret else ():
+            if len(form) >= 3:
+                text = text.replace(form, REDACTED)
+    return text
+
+
+def url_secrets(url: str) -> tuple[str | None, str | None]:
+    """The user name and password embedded in ``url`` (None where absent)."""
+    parts = urlsplit(url)
+    return parts.username, parts.password
 
 
 def _verdicts(a_minus_b: np.ndarray) -> np.ndarray:
@@ -110,13 +142,19 @@ def ask_judge(
         "temperature": 0,
         "max_tokens": 4,
     }
-    response = session.post(endpoint, json=body, headers=headers, timeout=timeout)
+    shown = redact_url(endpoint)
+    secrets = (api_key, *url_secrets(url))
+    try:
+        response = session.post(endpoint, json=body, headers=headers, timeout=timeout)
+    except requests.RequestException as exc:  # its text holds the URL, credentials included
+        raise RuntimeError(f"judge {shown}: {redact(str(exc), *secrets)}") from None
     if response.status_code != 200:
-        raise RuntimeError(f"judge {endpoint}: HTTP {response.status_code}: {response.text[:200]}")
+        echoed = redact(response.text[:200], *secrets)
+        raise RuntimeError(f"judge {shown}: HTTP {response.status_code}: {echoed}")
     try:
         return str(response.json()["choices"][0]["message"]["content"])
     except (ValueError, KeyError, IndexError, TypeError) as exc:
-        raise RuntimeError(f"judge {endpoint}: not an OpenAI chat completion: {exc}") from exc
+        raise RuntimeError(f"judge {shown}: not an OpenAI chat completion: {exc}") from exc
 
 
 def http_judge(

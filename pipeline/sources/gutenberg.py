@@ -9,9 +9,10 @@ disk no longer matches the recorded SHA-256, so a crash or a damaged disk costs 
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import logging
+import re
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, fields
@@ -21,6 +22,7 @@ from typing import Any
 import polars as pl
 
 from pipeline.sources.http import (
+    DEFAULT_MAX_BYTES,
     DEFAULT_USER_AGENT,
     DownloadFailed,
     DownloadResult,
@@ -52,14 +54,33 @@ MANIFEST_SCHEMA: dict[str, Any] = {
     "path": pl.String,
     "bytes": pl.Int64,
     "sha256": pl.String,
-    "status": pl.String,  # "ok" | "missing" (404) | "failed"
+    "status": pl.String,  # "ok" | "missing" (404) | "failed" | "unverified" (maybe truncated)
     "attempts": pl.Int64,  # requests made in the run that wrote the row (0 = reused)
     "error": pl.String,
 }
 
 
+# The real pg_catalog.csv is ~15 MB; a gzip "catalog" may expand no further than this.
+MAX_CATALOG_BYTES = 256 << 20
+# A book whose end nothing vouched for (no Content-Length, not chunked) must still show PG's end
+# marker ("*** END OF THE PROJECT GUTENBERG EBOOK", older "End of the Project Gutenberg Etext").
+_PG_END = re.compile(rb"END OF (?:THE |THIS )?PROJECT GUTENBERG", re.IGNORECASE)
+
+
 class CatalogFormatError(ValueError):
     """The catalog file is not in pg_catalog.csv format."""
+
+
+def _gunzip_bounded(data: bytes, limit: int, name: str) -> bytes:
+    """Decompress gzip ``data`` into at most ``limit`` bytes; a bomb raises instead of filling RAM."""
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(data, limit + 1)
+    except zlib.error as exc:
+        raise CatalogFormatError(f"{name}: corrupt gzip data ({exc})") from exc
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise CatalogFormatError(f"{name}: decompresses to more than {limit} bytes; refused")
+    return out
 
 
 class DownloadFailuresError(RuntimeError):
@@ -75,16 +96,21 @@ def book_url(base_url: str, book_id: int) -> str:
 
 
 # --------------------------------------------------------------------------------------- catalog
-def parse_catalog(source: Path | str | bytes) -> pl.DataFrame:
+def parse_catalog(
+    source: Path | str | bytes, *, max_bytes: int = MAX_CATALOG_BYTES
+) -> pl.DataFrame:
     """Parse ``pg_catalog.csv`` (path or bytes, optionally gzip-compressed) into typed columns.
 
     Every column is read as text first (the catalog mixes numbers and free text, and titles may
     contain newlines inside quoted fields), then ``id`` becomes Int64 and ``languages`` a list.
+    A catalog (or its decompressed form) over ``max_bytes`` is refused.
     """
     name = "<bytes>" if isinstance(source, bytes) else str(source)
+    if not isinstance(source, bytes) and Path(source).stat().st_size > max_bytes:
+        raise CatalogFormatError(f"{name}: larger than {max_bytes} bytes; refused")
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
+        data = _gunzip_bounded(data, max_bytes, name)
     data = data.removeprefix(b"\xef\xbb\xbf")
     header = next(csv.reader(io.StringIO(data.split(b"\n", 1)[0].decode("utf-8", "replace"))), [])
     missing = [c for c in CATALOG_COLUMNS if c not in header]
@@ -173,8 +199,8 @@ def select_books(df: pl.DataFrame, rules: CatalogRules) -> pl.DataFrame:
 
 # -------------------------------------------------------------------------------------- download
 def download_catalog(base_url: str, dest: Path | str, client: PoliteClient) -> DownloadResult:
-    """Fetch ``pg_catalog.csv`` atomically to ``dest``."""
-    return client.download(catalog_url(base_url), Path(dest))
+    """Fetch ``pg_catalog.csv`` atomically to ``dest`` (capped at :data:`MAX_CATALOG_BYTES`)."""
+    return client.download(catalog_url(base_url), Path(dest), max_bytes=MAX_CATALOG_BYTES)
 
 
 def _row(book_id: int, url: str, path: Path, status: str, **values: Any) -> dict[str, Any]:
@@ -201,12 +227,18 @@ def _is_intact(path: Path, row: Mapping[str, Any]) -> bool:
     return sha256_file(path) == row["sha256"]
 
 
+def has_end_marker(path: Path) -> bool:
+    """Whether a downloaded book shows Project Gutenberg's end-of-book marker."""
+    return _PG_END.search(path.read_bytes()) is not None
+
+
 def _fetch_book(
     client: PoliteClient,
     book_id: int,
     base_url: str,
     books_dir: Path,
     previous: Mapping[str, Any] | None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> dict[str, Any]:
     """Reuse an intact previous download, else fetch; never raises for a per-book failure."""
     dest = books_dir / f"{book_id}.txt"
@@ -216,15 +248,28 @@ def _fetch_book(
         )
     url = book_url(base_url, book_id)
     try:
-        result = client.download(url, dest)
+        result = client.download(url, dest, max_bytes=max_bytes)
     except NotFound as exc:
         return _row(book_id, url, dest, "missing", attempts=exc.attempts, error=str(exc))
     except DownloadFailed as exc:
         return _row(book_id, url, dest, "failed", attempts=exc.attempts, error=str(exc))
     except OSError as exc:  # local disk trouble: record it, let check_failures decide
         return _row(book_id, url, dest, "failed", attempts=1, error=f"GET {url}: {exc!r}")
+    status, error = "ok", None
+    if not result.verified and not has_end_marker(dest):
+        # Nothing vouches for the end (no Content-Length, not chunked) and the book's own end
+        # marker is absent: maybe cut short. Not "ok", so cleaning rejects it and a rerun refetches.
+        status = "unverified"
+        error = f"GET {url}: no Content-Length and no Project Gutenberg end marker"
     return _row(
-        book_id, url, dest, "ok", bytes=result.bytes, sha256=result.sha256, attempts=result.attempts
+        book_id,
+        url,
+        dest,
+        status,
+        bytes=result.bytes,
+        sha256=result.sha256,
+        attempts=result.attempts,
+        error=error,
     )
 
 
@@ -256,6 +301,7 @@ def download_books(
     max_backoff_s: float = 60.0,
     user_agent: str = DEFAULT_USER_AGENT,
     progress: Callable[[int, int], None] | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> pl.DataFrame:
     """Download books to ``books_dir/{id}.txt``; returns the manifest (one row per id, by id).
 
@@ -264,7 +310,8 @@ def download_books(
     disjoint batches may share ``books_dir`` concurrently). Books recorded ``ok`` in ``previous_manifest`` whose file
     is still intact are not requested again (their row keeps ``attempts == 0``). Only
     ``concurrency * 4`` tasks are queued at a time, so memory stays flat for 75,000 ids.
-    ``progress(done, total)`` is called after each book.
+    ``progress(done, total)`` is called after each book. ``max_bytes`` caps each book (decoded
+    bytes): a bigger body is recorded ``failed`` rather than filling the disk.
     """
     books_dir = Path(books_dir)
     books_dir.mkdir(parents=True, exist_ok=True)
@@ -298,7 +345,13 @@ def download_books(
         for book_id in unique_ids:
             pending.add(
                 pool.submit(
-                    _fetch_book, client, book_id, base_url, books_dir, previous.get(book_id)
+                    _fetch_book,
+                    client,
+                    book_id,
+                    base_url,
+                    books_dir,
+                    previous.get(book_id),
+                    max_bytes,
                 )
             )
             if len(pending) >= window:

@@ -8,7 +8,12 @@ data stages only say *what* to fetch:
 * a User-Agent naming Scriptorium and a contact URL,
 * a thread-safe token bucket shared by all worker threads (requests per second),
 * bounded retries with exponential backoff and jitter, honouring ``Retry-After``,
-* detection of truncated bodies (bytes received != ``Content-Length``),
+* detection of truncated bodies (bytes received != ``Content-Length``); a body whose length
+  nothing vouches for (no ``Content-Length``, not chunked) is reported ``verified=False``,
+* limits against hostile servers: a byte cap counted on the *decoded* bytes (a gzip bomb is
+  stopped at the cap, not after it), a total deadline per attempt (``timeout_s`` alone is per
+  read, so a server dripping a byte a second would never trip it), and redirects followed only
+  within the same site unless a host is allowed explicitly,
 * atomic writes (temp file in the same directory, fsync, ``os.replace``) so a crash never leaves a
   half-written file under its final name.
 """
@@ -27,6 +32,7 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
+from urllib.parse import urljoin, urlsplit
 
 import requests
 import urllib3.exceptions
@@ -36,6 +42,12 @@ DEFAULT_USER_AGENT = (
 )
 TEMP_SUFFIX = ".part"  # never ends in the final extension: a crash leaves no plausible-looking file
 _CHUNK = 1 << 16
+# The largest plain-text books on gutenberg.org are a few tens of MB; 512 MiB is far above any real
+# download of this project and far below what fills a disk or RAM.
+DEFAULT_MAX_BYTES = 512 << 20
+# Per attempt, whatever the server does: 512 MiB at 1 MB/s fits; an endless drip does not.
+DEFAULT_DEADLINE_S = 900.0
+MAX_REDIRECTS = 5
 _RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 _BAD_URL = (
     requests.exceptions.InvalidURL,
@@ -73,6 +85,14 @@ class DownloadFailed(HttpError):
     """A request failed permanently: a non-retryable status, or retries exhausted."""
 
 
+class TooLarge(DownloadFailed):
+    """The body (counted after ``Content-Encoding`` decoding) exceeded the download's byte cap."""
+
+
+class RedirectRefused(DownloadFailed):
+    """A redirect to another site (or from https to http) that the client was not allowed."""
+
+
 class TokenBucket:
     """Thread-safe token bucket: at most ``rate`` acquisitions per second, bursts up to ``burst``.
 
@@ -104,13 +124,19 @@ class TokenBucket:
 
 @dataclass(frozen=True)
 class DownloadResult:
-    """What :meth:`PoliteClient.download` wrote: final path, size, SHA-256 and attempts used."""
+    """What :meth:`PoliteClient.download` wrote: final path, size, SHA-256 and attempts used.
+
+    ``verified`` says whether the server vouched for the body's end: a ``Content-Length`` that
+    matched, or a chunked body that ended with its terminating chunk. A body delimited only by
+    the connection closing may have been cut short, and callers should check it another way.
+    """
 
     url: str
     path: Path
     bytes: int
     sha256: str
     attempts: int
+    verified: bool = True
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -133,7 +159,10 @@ class PoliteClient:
     ``requests.Session`` is not documented as thread-safe, so each thread gets its own session
     (created lazily, all closed by :meth:`close`) while the rate limit is shared by all of them.
     ``max_retries`` counts retries after the first attempt, so at most ``max_retries + 1``
-    requests are made per URL.
+    requests are made per URL. ``max_bytes`` caps each body (decoded bytes; ``download`` can
+    override it per call), ``deadline_s`` bounds each attempt's wall time, and redirects are
+    followed only to the same site (:func:`same_site`) or to ``allowed_redirect_hosts``
+    (``host`` or ``host:port``).
     """
 
     def __init__(
@@ -146,9 +175,19 @@ class PoliteClient:
         max_backoff_s: float = 60.0,
         user_agent: str = DEFAULT_USER_AGENT,
         seed: int | None = None,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        deadline_s: float = DEFAULT_DEADLINE_S,
+        allowed_redirect_hosts: Collection[str] = (),
     ) -> None:
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        if max_bytes <= 0 or deadline_s <= 0:
+            raise ValueError(
+                f"max_bytes and deadline_s must be positive: {max_bytes}, {deadline_s}"
+            )
+        self.max_bytes = int(max_bytes)
+        self.deadline_s = float(deadline_s)
+        self.allowed_redirect_hosts = frozenset(h.lower() for h in allowed_redirect_hosts)
         self.max_retries = max_retries
         self.timeout_s = timeout_s
         self.backoff_s = backoff_s
@@ -199,19 +238,23 @@ class PoliteClient:
             delay = max(delay, min(retry_after, self.max_backoff_s))
         return delay
 
-    def download(self, url: str, dest: Path | str) -> DownloadResult:
+    def download(
+        self, url: str, dest: Path | str, *, max_bytes: int | None = None
+    ) -> DownloadResult:
         """Fetch ``url`` into ``dest`` atomically, retrying transient failures.
 
-        Raises :class:`NotFound` (404/410, not retried) or :class:`DownloadFailed`; on any error
-        no file appears at ``dest`` and no temp file is left behind.
+        Raises :class:`NotFound` (404/410, not retried) or :class:`DownloadFailed` (including
+        :class:`TooLarge` past ``max_bytes`` and :class:`RedirectRefused`); on any error no file
+        appears at ``dest`` and no temp file is left behind.
         """
         dest = Path(dest)
+        cap = self.max_bytes if max_bytes is None else int(max_bytes)
         attempt = 0
         while True:
             attempt += 1
             try:
-                size, digest = self._fetch_once(url, dest)
-                return DownloadResult(url, dest, size, digest, attempt)
+                size, digest, verified = self._fetch_once(url, dest, cap)
+                return DownloadResult(url, dest, size, digest, attempt, verified)
             except NotFound as exc:
                 exc.attempts = attempt
                 raise
@@ -227,22 +270,84 @@ class PoliteClient:
                 exc.attempts = attempt
                 raise
 
-    def _fetch_once(self, url: str, dest: Path) -> tuple[int, str]:
+    def _fetch_once(self, url: str, dest: Path, max_bytes: int) -> tuple[int, str, bool]:
         """One attempt: request, check status, stream to a temp file, verify length, publish."""
         self.limiter.acquire()
+        deadline = time.monotonic() + self.deadline_s
+        response = self._get_following_redirects(url)
+        with response:
+            _check_status(url, response)
+            with atomic_writer(dest) as handle:
+                verified = _stream_body(url, response, handle, max_bytes, deadline)
+        return handle.size, handle.hexdigest(), verified
+
+    def _get(self, url: str, current: str) -> requests.Response:
         try:
-            response = self._session().get(url, stream=True, timeout=self.timeout_s)
+            return self._session().get(
+                current, stream=True, timeout=self.timeout_s, allow_redirects=False
+            )
         except requests.Timeout as exc:
             raise RetryableError(url, f"timed out after {self.timeout_s}s ({exc})") from exc
         except _BAD_URL as exc:
             raise DownloadFailed(url, f"invalid URL ({exc})") from exc
         except requests.RequestException as exc:
             raise RetryableError(url, f"connection error ({exc})") from exc
-        with response:
-            _check_status(url, response)
-            with atomic_writer(dest) as handle:
-                size, digest = _stream_body(url, response, handle)
-        return size, digest
+
+    def _get_following_redirects(self, url: str) -> requests.Response:
+        """GET ``url``, following at most :data:`MAX_REDIRECTS` redirects this client allows.
+
+        requests would follow any ``Location`` (another host, an internal address, https to
+        http); here every hop is checked before it is requested.
+        """
+        current = url
+        for _ in range(MAX_REDIRECTS + 1):
+            response = self._get(url, current)
+            if not response.is_redirect:
+                return response
+            target = urljoin(current, response.headers["Location"])
+            response.close()
+            self.check_redirect(url, current, target)
+            current = target
+        raise DownloadFailed(url, f"more than {MAX_REDIRECTS} redirects")
+
+    def check_redirect(self, url: str, current: str, target: str) -> None:
+        """Raise :class:`RedirectRefused` unless ``current`` may redirect to ``target``."""
+        src, dst = urlsplit(current), urlsplit(target)
+        if dst.scheme not in ("http", "https") or not dst.hostname:
+            raise RedirectRefused(url, f"redirect to a non-http(s) URL refused: {target!r}")
+        if src.scheme == "https" and dst.scheme != "https":
+            raise RedirectRefused(url, f"redirect from https to {target!r} refused")
+        host = dst.hostname.lower()
+        allowed = {host, f"{host}:{dst.port}"} & self.allowed_redirect_hosts
+        if not allowed and not same_site(current, target):
+            raise RedirectRefused(
+                url,
+                f"redirect to another site refused: {target!r} (allow the host explicitly "
+                "with allowed_redirect_hosts)",
+            )
+
+
+def _is_address(host: str) -> bool:
+    """An IP literal or a single-label name (``localhost``): no registrable domain to share."""
+    if "." not in host or ":" in host:
+        return True
+    return host.replace(".", "").isdigit()
+
+
+def same_site(a: str, b: str) -> bool:
+    """Whether URLs ``a`` and ``b`` belong to one site.
+
+    Names share a site when their last two labels match (``www.gutenberg.org`` and
+    ``aleph.gutenberg.org``); an IP address or ``localhost`` only with itself on the same port,
+    because another port on the same machine is another service.
+    """
+    x, y = urlsplit(a), urlsplit(b)
+    hx, hy = (x.hostname or "").lower(), (y.hostname or "").lower()
+    if not hx or not hy:
+        return False
+    if _is_address(hx) or _is_address(hy):
+        return hx == hy and (x.port, x.scheme) == (y.port, y.scheme)
+    return hx.split(".")[-2:] == hy.split(".")[-2:]
 
 
 def _reason(exc: HttpError) -> str:
@@ -262,24 +367,42 @@ def _check_status(url: str, response: requests.Response) -> None:
     raise DownloadFailed(url, f"HTTP {status} {response.reason} (not retryable)")
 
 
-def _stream_body(url: str, response: requests.Response, handle: _HashingFile) -> tuple[int, str]:
+def _stream_body(
+    url: str, response: requests.Response, handle: _HashingFile, max_bytes: int, deadline: float
+) -> bool:
     """Copy the body to ``handle``, turning every mid-body failure into a retryable error.
 
-    The length check uses the bytes pulled off the wire (``raw.tell()``), not the decoded bytes,
-    so it stays correct if a server applies ``Content-Encoding: gzip``.
+    ``read1`` returns whatever has arrived, so the deadline and the byte cap are checked after
+    every read, however slowly the server drips; the cap counts decoded bytes, so a small gzip
+    body cannot expand past it. A ``Content-Length`` larger than the cap is refused before any
+    byte is read. The length check uses the bytes pulled off the wire (``raw.tell()``), not the
+    decoded bytes, so it stays correct under ``Content-Encoding: gzip``. Returns whether the
+    body's end was vouched for (see :class:`DownloadResult`).
     """
     expected = response.headers.get("Content-Length")
+    declared = int(expected) if expected is not None and expected.isdigit() else None
+    encoded = response.headers.get("Content-Encoding", "identity").lower() not in ("", "identity")
+    if declared is not None and declared > max_bytes and not encoded:
+        raise TooLarge(url, f"Content-Length {declared} exceeds the cap of {max_bytes} bytes")
+    raw = response.raw
     try:
-        for chunk in response.iter_content(_CHUNK):
+        while chunk := raw.read1(_CHUNK, decode_content=True):
             handle.write(chunk)
-    except requests.exceptions.ChunkedEncodingError as exc:
+            if handle.size > max_bytes:
+                raise TooLarge(url, f"body exceeds the cap of {max_bytes} bytes (decoded)")
+            if time.monotonic() > deadline:
+                raise RetryableError(
+                    url, f"download exceeded its deadline after {handle.size} bytes"
+                )
+    except urllib3.exceptions.ProtocolError as exc:
         raise TruncatedBody(url, f"truncated body: connection closed early ({exc})") from exc
     except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
         raise RetryableError(url, f"error while reading body ({exc})") from exc
-    received = response.raw.tell()
-    if expected is not None and expected.isdigit() and received != int(expected):
+    received = raw.tell()
+    if declared is not None and received != declared:
         raise TruncatedBody(url, f"truncated body: got {received} of {expected} bytes")
-    return handle.size, handle.hexdigest()
+    chunked = "chunked" in response.headers.get("Transfer-Encoding", "").lower()
+    return declared is not None or chunked
 
 
 class _HashingFile:

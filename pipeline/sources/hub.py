@@ -10,23 +10,31 @@ once, when it is imported, so setting it later (as tests and the Makefile's mirr
 effect because the endpoint is passed explicitly here. Plain URLs are rewritten onto
 ``$SCRIPTORIUM_FILES_MIRROR/<host>/<path>`` when that variable is set, the same layout the mirror
 server serves at ``/files/``.
+
+``HF_TOKEN`` goes only where it is safe: the default endpoint (https://huggingface.co), another
+https endpoint that is not on this machine, or a host listed in ``$SCRIPTORIUM_HF_TOKEN_HOSTS``
+(comma-separated ``host`` or ``host:port``). A plain-http or loopback endpoint (a local mirror,
+or whatever ``HF_ENDPOINT`` was pointed at) never receives it by default: over http anyone on
+the path reads it, and a mirror has no use for it.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pipeline.sources.http import PoliteClient, sha256_file
+from pipeline.sources.http import DEFAULT_MAX_BYTES, PoliteClient, sha256_file
 
 log = logging.getLogger(__name__)
 
 FILES_MIRROR_ENV = "SCRIPTORIUM_FILES_MIRROR"
 HF_ENDPOINT_ENV = "HF_ENDPOINT"
 HF_TOKEN_ENV = "HF_TOKEN"
+TOKEN_HOSTS_ENV = "SCRIPTORIUM_HF_TOKEN_HOSTS"
 # Loading scripts are code; an SFT source is data. Never fetch one, whatever the patterns say.
 CODE_PATTERNS = ("*.py",)
 
@@ -41,13 +49,43 @@ def hub_endpoint(endpoint: str | None = None) -> str | None:
     return value.rstrip("/") if value else None
 
 
-def _token(token: str | None) -> str | bool:
-    """The token to send: the argument, else ``$HF_TOKEN``, else False.
+def _is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def token_allowed(endpoint: str | None) -> bool:
+    """Whether a Hub token may be sent to ``endpoint`` (None: huggingface.co, always https)."""
+    if endpoint is None:
+        return True
+    parts = urlsplit(endpoint)
+    host = (parts.hostname or "").lower()
+    listed = {h.strip().lower() for h in os.environ.get(TOKEN_HOSTS_ENV, "").split(",")}
+    if host and (host in listed or f"{host}:{parts.port}" in listed):
+        return True
+    return parts.scheme == "https" and bool(host) and not _is_loopback(host)
+
+
+def hub_token(endpoint: str | None, token: str | None = None) -> str | bool:
+    """The token to send to ``endpoint``: the argument, else ``$HF_TOKEN``, else False.
 
     False (rather than None) stops ``huggingface_hub`` from sending a token saved by
-    ``hf auth login`` to whatever endpoint is configured, e.g. a local mirror.
+    ``hf auth login`` to whatever endpoint is configured, e.g. a local mirror. A token is also
+    withheld (False, with a warning) from an endpoint :func:`token_allowed` refuses.
     """
-    return token or os.environ.get(HF_TOKEN_ENV) or False
+    value = token or os.environ.get(HF_TOKEN_ENV) or False
+    if value and not token_allowed(endpoint):
+        log.warning(
+            "not sending HF_TOKEN to %s (plain http or loopback); list its host in $%s to allow it",
+            endpoint,
+            TOKEN_HOSTS_ENV,
+        )
+        return False
+    return value
 
 
 def download_dataset_files(
@@ -91,7 +129,7 @@ def download_dataset_files(
             allow_patterns=patterns,
             ignore_patterns=list(CODE_PATTERNS),
             endpoint=url,
-            token=_token(token),
+            token=hub_token(url, token),
             max_workers=max_workers,
         )
     )
@@ -129,13 +167,14 @@ def download_url(
     *,
     sha256: str | None = None,
     client: PoliteClient | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Path:
     """Download ``url`` (through the files mirror when configured) to ``dest``; returns ``dest``.
 
     An existing ``dest`` is reused (writes are atomic, so it is complete) unless ``sha256`` is
     given and differs, which forces a fresh download; a download whose sha256 differs from the
     expected one is removed and raises :class:`HubDownloadError`, because a changed upstream
-    file silently changes the training mix.
+    file silently changes the training mix. ``max_bytes`` caps the body (decoded bytes).
     """
     dest = Path(dest)
     if dest.is_file() and (sha256 is None or sha256_file(dest) == sha256):
@@ -145,7 +184,7 @@ def download_url(
     owned = client is None
     http = client if client is not None else PoliteClient()
     try:
-        result = http.download(source, dest)
+        result = http.download(source, dest, max_bytes=max_bytes)
     finally:
         if owned:
             http.close()
