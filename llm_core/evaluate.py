@@ -266,6 +266,77 @@ def multiple_choice(
     return out
 
 
+@dataclass(frozen=True)
+class ChoiceScores:
+    """Per item, the total ``log p`` of each of the shared options after its context."""
+
+    logprob: np.ndarray  # float64 [N, K], natural log
+    truncated: int  # contexts cut on the left to fit the model's window
+
+    @property
+    def picked(self) -> np.ndarray:
+        """Index of the most likely option per item (ties go to the first)."""
+        return self.logprob.argmax(axis=1) if self.logprob.size else np.zeros(0, dtype=np.int64)
+
+
+@torch.no_grad()
+def choice_logprobs(
+    model: nn.Module,
+    contexts: Sequence[Sequence[int]],
+    options: Sequence[Sequence[int]],
+    *,
+    batch_size: int = 16,
+) -> ChoiceScores:
+    """``log p(option | context)`` for every context and each of the same ``options``.
+
+    Multiple-choice letters (MMLU's `` A``..`` D``) are one token each under any BPE, so the
+    common case needs one forward per context and reads the options' log-probabilities at its
+    last position, instead of one forward per (context, option) pair. Options of several tokens
+    fall back to :func:`score_continuations`. A context longer than the window keeps its last
+    ``context_length`` tokens.
+    """
+    if not options or any(not o for o in options):
+        raise ValueError("choice_logprobs: need at least one option, each non-empty")
+    if any(len(o) > 1 for o in options):
+        flat = score_continuations(
+            model,
+            [c for c in contexts for _ in options],
+            [o for _ in contexts for o in options],
+            batch_size=batch_size,
+        )
+        return ChoiceScores(flat.logprob.reshape(len(contexts), len(options)), flat.truncated)
+    window = int(model.config.context_length)  # type: ignore[union-attr]
+    if any(not c for c in contexts):
+        raise ValueError("choice_logprobs: every context must hold at least one token")
+    seqs = [list(c[-window:]) for c in contexts]
+    truncated = sum(len(c) > window for c in contexts)
+    ids = torch.tensor([o[0] for o in options], dtype=torch.long)
+    out = np.zeros((len(seqs), len(options)), dtype=np.float64)
+    dev = next(model.parameters()).device
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    was_training = model.training
+    model.eval()
+    try:
+        for b in range(0, len(order), batch_size):
+            idx = order[b : b + batch_size]
+            width = len(seqs[idx[0]])
+            x = torch.zeros(len(idx), width, dtype=torch.long)
+            for row, i in enumerate(idx):  # right padding: causal, so it cannot change the rest
+                x[row, : len(seqs[i])] = torch.tensor(seqs[i], dtype=torch.long)
+            rows = torch.arange(len(idx), device=dev)
+            last = torch.tensor([len(seqs[i]) - 1 for i in idx], device=dev)
+            head = getattr(model, "lm_head", None)
+            if head is not None:  # the LM head at the last position only, not at every one
+                logits = head(model(x.to(dev), return_hidden=True)[rows, last]).float()
+            else:
+                logits = model(x.to(dev))[rows, last]
+            lp = torch.log_softmax(logits.double(), dim=-1)[:, ids.to(dev)]
+            out[idx] = lp.cpu().numpy()
+    finally:
+        model.train(was_training)
+    return ChoiceScores(out, truncated)
+
+
 # ------------------------------------------------------------------------------ proportions
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 

@@ -15,12 +15,11 @@ from collections.abc import Iterator
 import dagster as dg
 
 from pipeline.eval.checks import CHECKS, FINITE
-from pipeline.eval.run import HttpJudgeConfig
 from pipeline.launch import launch_stage
 from pipeline.resources import Compute, MlflowTracking, Paths, Profile, profile_code_version
 
 GROUP = "evaluation"
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: MMLU, HumanEval (sandboxed), scorecard and trend
 # Required: the base model and what it is measured on. Optional: the later stages and the data
 # some benchmarks read (each absent one is named in the report).
 REQUIRED = {
@@ -51,12 +50,17 @@ def evaluation_report(
     compute: Compute,
     pipes: dg.PipesSubprocessClient,
 ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
-    """``report.json`` / ``report.md`` / ``report.html``: bpb, BLiMP, LAMBADA, GSM8K and win rates
-    of each stage (base, sft, rlhf), compared with the previous evaluation in MLflow."""
+    """``report.json`` / ``report.md`` / ``report.html``: bpb, BLiMP, LAMBADA, GSM8K, MMLU,
+    HumanEval (when the profile enables running generated code) and win rates of each stage
+    (base, sft, rlhf) as a scorecard, compared with the previous evaluation and plotted across
+    the last ones in MLflow."""
     for key, filename in REQUIRED.items():
         paths.require(key, filename)
     out = paths.asset_dir("evaluation_report")
     p = profile.load()
+    # Imported here: the scoring code loads torch, which no other step process needs.
+    from pipeline.eval.run import HttpJudgeConfig
+
     judge = HttpJudgeConfig.from_env(os.environ)
     config = {
         "profile": p,
@@ -69,7 +73,7 @@ def evaluation_report(
         stage="evaluation",
         config=config,
         upstream_keys=[*REQUIRED, *OPTIONAL],
-        version_parts=[p.get("evaluation"), judge.url if judge else None, CODE_VERSION],
+        version_parts=[p.get("evaluation"), judge.public_url if judge else None, CODE_VERSION],
         pipes_client=pipes,
         paths=paths,
         mlflow=mlflow,

@@ -79,3 +79,26 @@ def previous_evaluation(client: MlflowClient, experiment_id: str) -> dict[str, A
         "metrics": dict(run.data.metrics),
         "dagster_run_id": run.data.tags.get("dagster.run_id"),
     }
+
+
+def evaluation_history(client: MlflowClient, experiment_id: str, n: int) -> list[dict[str, Any]]:
+    """The last ``n`` finished evaluation runs, oldest first, each ``{"run_id", "start_time",
+    "metrics"}``: the points of the report's trend plot (read before this run opens its own)."""
+    if n <= 0:
+        return []
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=(
+            f"tags.`{EVALUATION_STAGE_TAG}` = '{EVALUATION_STAGE}' and attributes.status = 'FINISHED'"
+        ),
+        order_by=["attributes.start_time DESC"],
+        max_results=n,
+    )
+    return [
+        {
+            "run_id": r.info.run_id,
+            "start_time": r.info.start_time,
+            "metrics": dict(r.data.metrics),
+        }
+        for r in reversed(runs)
+    ]

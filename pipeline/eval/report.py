@@ -10,9 +10,8 @@ materialisations, and the keys the next run compares against.
 from __future__ import annotations
 
 import html
-import io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 STAGES = ("base", "sft", "rlhf")
@@ -23,10 +22,13 @@ STAGE_FIGURES: Mapping[str, tuple[tuple[str, str], bool]] = {
     "blimp_accuracy": (("blimp", "accuracy"), True),
     "lambada_accuracy": (("lambada", "accuracy"), True),
     "gsm8k_accuracy": (("gsm8k", "accuracy"), True),
+    "mmlu_0shot_accuracy": (("mmlu_0shot", "macro_accuracy"), True),
+    "mmlu_kshot_accuracy": (("mmlu_kshot", "macro_accuracy"), True),
+    "humaneval_pass_at_1": (("humaneval", "pass@1"), True),
 }
-BENCHMARKS = ("blimp", "lambada", "gsm8k")
 COMPARISONS = ("sft_vs_base", "rlhf_vs_sft")
 JUDGES = {"reward_model": "win_rate", "http": "judge_win_rate"}
+Rows = tuple[list[str], list[list[str]]]
 
 
 def absent(reason: str) -> dict[str, str]:
@@ -155,31 +157,9 @@ def fmt_acc(section: Any) -> str:
     return f"{100 * acc:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] (n={section.get('n')})"
 
 
-def headline_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """The per-stage headline table: one row per figure, one column per stage."""
-    stages = report.get("stages", {})
-    header = ["figure", *STAGES]
-    rows = []
-    for figure, (path, higher) in STAGE_FIGURES.items():
-        cells = []
-        for stage in STAGES:
-            section = stages.get(stage, {})
-            if is_absent(section):
-                cells.append("absent")
-                continue
-            inner = dig(section, path[0])
-            if figure.endswith("accuracy"):
-                cells.append(fmt_acc(inner) if inner is not None else "–")
-            else:
-                cells.append(fmt(dig(section, *path)) if not is_absent(inner) else "absent")
-        arrow = "↑" if higher else "↓"
-        rows.append([f"{figure} {arrow}", *cells])
-    return header, rows
-
-
 def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    def cell(x: str) -> str:
-        return str(x).replace("|", "\\|").replace("\n", " ")
+    def cell(x: str) -> str:  # Markdown renders raw HTML: escape it, as render_html does
+        return md_escape(str(x)).replace("|", "\\|").replace("\n", " ")
 
     lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(map(cell, r)) + " |" for r in rows]
@@ -243,14 +223,30 @@ def comparison_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[str
     return header, rows
 
 
+def md_escape(text: str) -> str:
+    """``<``, ``>`` and ``&`` as entities: generations and dataset text may hold raw HTML
+    (``<script>``, ``<img onerror=…>``) that a Markdown viewer would otherwise render."""
+    return html.escape(text, quote=False)
+
+
 def _one_line(text: str) -> str:
     return text.replace("\n", " ⏎ ").strip() or "(empty)"
 
 
+# Extra tables (title, report -> (header, rows) or None when there is nothing to show), rendered
+# in both formats after the per-benchmark sections: a small section added by another feature
+# is one line here and one function beside its data.
+TABLE_SECTIONS: tuple[tuple[str, Callable[[Mapping[str, Any]], Rows | None]], ...] = ()
+
+
 def render_markdown(report: Mapping[str, Any], *, headline_only: bool = False) -> str:
     """The report as Markdown (also the Dagster ``report`` metadata when ``headline_only``)."""
-    parts = [f"## Evaluation report ({report.get('profile')})", ""]
-    parts += [md_table(*headline_rows(report)), ""]
+    from pipeline.eval import scorecard  # imports this module: imported when rendering
+
+    parts = [f"## Evaluation report ({report.get('profile')})", "", "### Scorecard", ""]
+    header, rows, notes = scorecard.scorecard_rows(report)
+    parts += [md_table(header, rows), ""]
+    parts += [f"- {line}" for line in scorecard.notes_lines(notes)] + [""]
     parts += [
         "### Win rates (judged on held-out AlpacaEval instructions)",
         "",
@@ -275,18 +271,30 @@ def render_markdown(report: Mapping[str, Any], *, headline_only: bool = False) -
         return "\n".join(parts)
     parts += ["### Checks", ""]
     parts += [
-        f"- {'✅' if c['passed'] else '❌'} `{c['name']}`: {c['note']}"
+        f"- {'✅' if c['passed'] else '❌'} `{c['name']}`: {md_escape(str(c['note']))}"
         for c in report.get("checks", [])
     ]
     parts += ["", "### BLiMP per phenomenon", ""]
     parts += [md_table(*blimp_rows(report)), ""]
+    subjects = scorecard.mmlu_subject_rows(report)
+    parts += ["### MMLU per subject", "", md_table(*subjects) if subjects[1] else "not run", ""]
+    parts += ["### HumanEval sandbox", ""]
+    parts += [f"- {line}" for line in scorecard.sandbox_lines(report) or ["not run"]] + [""]
+    parts += ["### Trend over the last evaluation runs (MLflow)", ""]
+    parts += [md_table(*scorecard.trend_rows(report)), ""]
+    for title, rows_of in TABLE_SECTIONS:
+        if (table := rows_of(report)) is not None:
+            parts += [f"### {title}", "", md_table(*table), ""]
     parts += ["### Generations", ""]
     for stage in STAGES:
         gen = dig(report, "stages", stage, "generations")
         if gen is None or is_absent(gen):
             continue
         parts += [f"**{stage}** (settings: {gen['settings']})", ""]
-        parts += [f"- *{s['prompt']}* → {_one_line(s['reply'])}" for s in gen["samples"]]
+        parts += [
+            f"- *{md_escape(s['prompt'])}* → {md_escape(_one_line(s['reply']))}"
+            for s in gen["samples"]
+        ]
         parts.append("")
     parts += ["### Evaluation sets", "", md_table(*sets_rows(report)), ""]
     return "\n".join(parts)
@@ -317,105 +325,6 @@ def sets_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     return ["set", "available", "used", "rejected", "note"], rows
 
 
-# ------------------------------------------------------------------------------ plots (SVG)
-def _svg(fig: Any) -> str:
-    import matplotlib.pyplot as plt
-
-    buf = io.StringIO()
-    try:
-        fig.savefig(buf, format="svg", bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    text = buf.getvalue()
-    return text[text.index("<svg") :]
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_loss_curves(curves: Mapping[str, Any]) -> str | None:
-    """One panel per stage with a recorded training run: train and validation loss by step."""
-    present = {
-        s: c for s, c in curves.items() if not is_absent(c) and (c.get("loss") or c.get("val_loss"))
-    }
-    if not present:
-        return None
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(present), figsize=(4 * len(present), 3), squeeze=False)
-    for ax, (stage, c) in zip(axes[0], present.items(), strict=True):
-        for key, style in (("loss", "-"), ("val_loss", "o-")):
-            if c.get(key):
-                ax.plot(
-                    [p[0] for p in c[key]], [p[1] for p in c[key]], style, label=key, linewidth=1
-                )
-        ax.set_title(f"{stage} ({c['registered_model']} v{c['version']})", fontsize=9)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0][0].set_ylabel("loss (nats/token)")
-    return _svg(fig)
-
-
-def plot_stage_bars(report: Mapping[str, Any]) -> str | None:
-    """bpb and assistant-token loss per stage (lower is better)."""
-    figs = [
-        ("bpb", ("heldout", "bpb"), "held-out bits per byte"),
-        ("sft_val_loss", ("sft_val", "loss"), "assistant-token loss"),
-    ]
-    panels = []
-    for _, path, title in figs:
-        values = {s: dig(report, "stages", s, *path) for s in STAGES}
-        values = {s: v for s, v in values.items() if isinstance(v, float) and math.isfinite(v)}
-        if values:
-            panels.append((title, values))
-    if not panels:
-        return None
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3), squeeze=False)
-    for ax, (title, values) in zip(axes[0], panels, strict=True):
-        ax.bar(list(values), list(values.values()), color="#4c78a8")
-        ax.set_title(f"{title} (lower is better)", fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-    return _svg(fig)
-
-
-def plot_accuracies(report: Mapping[str, Any]) -> str | None:
-    """Benchmark accuracy per stage with 95% intervals and the chance line; win rates too."""
-    groups: list[tuple[str, dict[str, Mapping[str, Any]], float]] = []
-    for bench in BENCHMARKS:
-        per_stage = {s: dig(report, "stages", s, bench) for s in STAGES}
-        per_stage = {s: r for s, r in per_stage.items() if r is not None and not is_absent(r)}
-        if per_stage:
-            chance = next(iter(per_stage.values())).get("chance", 0.0)
-            groups.append((bench, per_stage, float(chance)))
-    wins = {p: dig(report, "win_rates", p, "reward_model") for p in COMPARISONS}
-    wins = {p: r for p, r in wins.items() if r is not None and not is_absent(r)}
-    if wins:
-        groups.append(("win rate (reward model)", wins, 0.5))
-    if not groups:
-        return None
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(groups), figsize=(3.5 * len(groups), 3), squeeze=False)
-    for ax, (title, results, chance) in zip(axes[0], groups, strict=True):
-        names = list(results)
-        vals = [results[n].get("accuracy", results[n].get("win_rate")) for n in names]
-        lo = [max(0.0, v - results[n]["ci95"][0]) for n, v in zip(names, vals, strict=True)]
-        hi = [max(0.0, results[n]["ci95"][1] - v) for n, v in zip(names, vals, strict=True)]
-        ax.bar(names, vals, yerr=[lo, hi], capsize=4, color="#59a14f")
-        ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance {chance:g}")
-        ax.set_ylim(0, 1)
-        ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7)
-        ax.grid(axis="y", alpha=0.3)
-    return _svg(fig)
-
-
 # ------------------------------------------------------------------------------ HTML
 def html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
@@ -436,7 +345,10 @@ CSS = (
 
 def render_html(report: Mapping[str, Any]) -> str:
     """A self-contained page: the Markdown report's tables plus inline SVG plots."""
+    from pipeline.eval import plots, scorecard  # both import this module
+
     esc = html.escape
+    header, rows, notes = scorecard.scorecard_rows(report)
     out = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -444,8 +356,9 @@ def render_html(report: Mapping[str, Any]) -> str:
         f"<style>{CSS}</style></head><body>",
         f"<h1>Evaluation report ({esc(str(report.get('profile')))})</h1>",
         f"<p>Created {esc(str(report.get('created')))}; MLflow run {esc(str(report.get('mlflow_run_id')))}.</p>",
-        "<h2>Headline figures</h2>",
-        html_table(*headline_rows(report)),
+        "<h2>Scorecard</h2>",
+        html_table(header, rows),
+        "<ul>" + "".join(f"<li>{esc(n)}</li>" for n in scorecard.notes_lines(notes)) + "</ul>",
         "<h2>Win rates</h2>",
         html_table(*win_rate_rows(report)),
     ]
@@ -465,18 +378,24 @@ def render_html(report: Mapping[str, Any]) -> str:
         cls = "pass" if c["passed"] else "fail"
         out.append(f'<li class="{cls}"><code>{esc(c["name"])}</code>: {esc(c["note"])}</li>')
     out.append("</ul>")
+    trend = plots.plot_trend(scorecard.trend_runs(report), scorecard.trend_chance(report))
     for title, svg in (
-        ("Loss curves (MLflow)", plot_loss_curves(report.get("loss_curves") or {})),
-        ("Per-stage loss", plot_stage_bars(report)),
-        ("Benchmark accuracy and win rate (95% CI, dashed: chance)", plot_accuracies(report)),
+        ("Trend across the last evaluation runs (MLflow; dashed: chance)", trend),
+        ("Loss curves (MLflow)", plots.plot_loss_curves(report.get("loss_curves") or {})),
+        ("Per-stage loss", plots.plot_stage_bars(report)),
+        ("Benchmark accuracy and win rate (95% CI, dashed: chance)", plots.plot_accuracies(report)),
     ):
         out.append(f"<h2>{esc(title)}</h2>")
         out.append(f"<figure>{svg}</figure>" if svg else "<p>Nothing to plot.</p>")
-    out += [
-        "<h2>BLiMP per phenomenon</h2>",
-        html_table(*blimp_rows(report)),
-        "<h2>Generations</h2>",
-    ]
+    out += ["<h2>BLiMP per phenomenon</h2>", html_table(*blimp_rows(report))]
+    out += ["<h2>MMLU per subject</h2>", html_table(*scorecard.mmlu_subject_rows(report))]
+    box = scorecard.sandbox_lines(report) or ["not run"]
+    out += ["<h2>HumanEval sandbox</h2><ul>", *[f"<li>{esc(x)}</li>" for x in box], "</ul>"]
+    out += ["<h2>Trend table</h2>", html_table(*scorecard.trend_rows(report))]
+    for title, rows_of in TABLE_SECTIONS:
+        if (table := rows_of(report)) is not None:
+            out += [f"<h2>{esc(title)}</h2>", html_table(*table)]
+    out.append("<h2>Generations</h2>")
     for stage in STAGES:
         gen = dig(report, "stages", stage, "generations")
         if gen is None or is_absent(gen):

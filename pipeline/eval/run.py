@@ -14,11 +14,10 @@ as the training runs' own validation (the profile's ``pretrain`` and ``sft_train
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,10 @@ from llm_core.stages.base import json_safe
 from pipeline.artefacts import Artefacts
 from pipeline.eval import benchmarks, judge
 from pipeline.eval.checks import run_checks
+from pipeline.eval.humaneval import load_humaneval
+from pipeline.eval.mmlu import load_mmlu
+from pipeline.eval.mmlu_humaneval import mmlu_and_humaneval
+from pipeline.eval.prompts import generation_prompts, win_rate_prompts
 from pipeline.eval.report import (
     absent,
     compare,
@@ -47,6 +50,7 @@ from pipeline.eval.sets import (
     load_lambada,
     set_files,
 )
+from pipeline.eval.settings import EvalSettings
 from pipeline.io import atomic_write_json, atomic_write_parquet, atomic_write_text, sha256_file
 
 FORMAT = "scriptorium-evaluation/1"
@@ -67,41 +71,11 @@ LOADERS: Mapping[str, Callable[..., Loaded]] = {
     "lambada": load_lambada,
     "gsm8k_test": load_gsm8k,
     "alpaca_eval": load_alpaca_eval,
+    "mmlu": load_mmlu,
+    "humaneval": load_humaneval,
 }
 Log = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """The profile's ``evaluation`` section (plus its ``seed``)."""
-
-    # items per evaluation set id (blimp: per phenomenon); 0 turns a benchmark off
-    items: Mapping[str, int] = field(default_factory=dict)
-    batch_size: int = 16  # sequences per forward pass when scoring and generating
-    max_new_tokens: int = 48  # win-rate replies and the fixed-prompt generations
-    gsm8k_max_new_tokens: int = 96  # worked answers need room
-    temperature: float = 0.7  # fixed-prompt generations only; everything scored is greedy
-    top_k: int | None = 50
-    regression_tolerance: float = 0.02  # absolute worsening of a headline figure that flags it
-    seed: int = 1337
-
-    @classmethod
-    def from_profile(cls, profile: Mapping[str, Any]) -> EvalSettings:
-        section = dict(profile.get("evaluation") or {})
-        names = {f.name for f in dataclasses.fields(cls)} - {"seed"}
-        if unknown := sorted(set(section) - names):
-            raise ValueError(
-                f"profile `evaluation` section: unknown key(s) {unknown}; allowed {sorted(names)}"
-            )
-        items = {str(k): int(v) for k, v in (section.pop("items", None) or {}).items()}
-        if bad := sorted(set(items) - set(LOADERS)):
-            raise ValueError(
-                f"profile `evaluation.items`: unknown evaluation set(s) {bad}; known {sorted(LOADERS)}"
-            )
-        return cls(items=items, seed=int(profile.get("seed", 1337)), **section)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "items": dict(self.items)}
+__all__ = ["EvalSettings", "HttpJudgeConfig", "evaluate", "finalize", "load_sets", "write_report"]
 
 
 @dataclass(frozen=True)
@@ -111,6 +85,15 @@ class HttpJudgeConfig:
     url: str
     model: str
     api_key: str | None = None
+
+    def __repr__(self) -> str:  # the key and URL credentials stay out of logs and tracebacks
+        key = judge.REDACTED if self.api_key else None
+        return f"HttpJudgeConfig(url={self.public_url!r}, model={self.model!r}, api_key={key!r})"
+
+    @property
+    def public_url(self) -> str:
+        """The URL without ``user:key@``: what MLflow, Dagster metadata and the report show."""
+        return judge.redact_url(self.url)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> HttpJudgeConfig | None:
@@ -132,6 +115,12 @@ def load_sets(
         n = settings.items.get(set_id, 0)
         if n <= 0:
             loaded[set_id] = absent(f"evaluation.items.{set_id} is 0 or unset in the profile")
+            continue
+        if set_id == "humaneval" and not settings.humaneval.execute:
+            loaded[set_id] = absent(
+                "evaluation.humaneval.execute is false: generated code runs only when the "
+                "profile enables it"
+            )
             continue
         try:
             files = set_files(eval_dir, set_id)
@@ -229,11 +218,17 @@ def score_stage(stage: str, model: Any, run: _Run) -> tuple[dict[str, Any], list
                 batch_size=s.batch_size,
             ),
         )
+    section.update(
+        mmlu_and_humaneval(
+            model, run.tok, run.sets, run.settings, chat=stage in CHAT_STAGES, timed=timed
+        )
+    )
     section["generations"] = timed(
         "generations",
         lambda: benchmarks.generations(
             model,
             tok,
+            generation_prompts(run.profile),
             max_new_tokens=s.max_new_tokens,
             temperature=s.temperature,
             top_k=s.top_k,
@@ -290,10 +285,11 @@ def evaluate(
         sets=sets,
         val_convs=read_conversations(val_path) if val_path.is_file() else [],
         val_path=val_path,
-        win_prompts=(
-            [[{"role": "user", "content": t}] for t in alpaca.items["instruction"].to_list()]
-            if isinstance(alpaca, Loaded)
-            else []
+        win_prompts=win_rate_prompts(  # the profile's report_prompts.win_rate (pipeline.eval.prompts)
+            profile,
+            alpaca.items["instruction"].to_list() if isinstance(alpaca, Loaded) else None,
+            files.pairs_split("val"),
+            settings.items.get("alpaca_eval", 0),
         ),
         log=log,
     )
@@ -376,8 +372,11 @@ def _win_rates(
     reward_dir = files.trained("reward_model")
     rm = None
     for name, (a, b) in COMPARED.items():
-        if not isinstance(alpaca, Loaded):
-            out[name] = absent(f"no held-out prompts: {alpaca.get('absent')}")
+        if not prompts:
+            why = (
+                alpaca.get("absent") if isinstance(alpaca, dict) else "none in the profile's source"
+            )
+            out[name] = absent(f"no held-out prompts: {why}")
             continue
         if a not in replies or b not in replies:
             missing = [s for s in (a, b) if s not in replies]
@@ -423,7 +422,7 @@ def _win_rates(
                     api_key=judge_config.api_key,
                 )
             except (RuntimeError, OSError) as exc:  # optional judge: reported, never fatal
-                entry["http"] = absent(f"judge at {judge_config.url} failed: {exc}")
+                entry["http"] = absent(f"judge at {judge_config.public_url} failed: {exc}")
                 log(entry["http"]["absent"])
         out[name] = entry
     return out
@@ -435,10 +434,13 @@ def finalize(
     previous: Mapping[str, Any] | None,
     loss_curves: Mapping[str, Any],
     mlflow_run_id: str | None = None,
+    history: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Add loss curves, headline figures, the comparison and the check outcomes."""
+    """Add loss curves, headline figures, the comparison, the trend's earlier runs (oldest
+    first, from :func:`pipeline.eval.history.evaluation_history`) and the check outcomes."""
     settings = report.get("settings", {})
     report = {**report, "loss_curves": dict(loss_curves), "mlflow_run_id": mlflow_run_id}
+    report["trend"] = {"runs": list(history or [])}
     report["headline"] = headline(report)
     report["comparison"] = compare(
         report["headline"], previous, float(settings.get("regression_tolerance", 0.02))

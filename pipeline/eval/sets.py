@@ -21,7 +21,7 @@ from pipeline.text.adapters.base import read_records
 from pipeline.text.adapters.gsm8k import FINAL_ANSWER
 
 REJECTS_SCHEMA = pl.Schema({"eval_set": pl.String, "item": pl.String, "reason": pl.String})
-DATA_SUFFIXES = (".parquet", ".json", ".jsonl", ".gz")
+DATA_SUFFIXES = (".parquet", ".json", ".jsonl", ".gz", ".csv")
 # The last number of a text: optional sign, thousands separators, optional decimals.
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 from llm_core.evaluate import (
     binomial_accuracy,
     bits_per_byte,
+    choice_logprobs,
     evaluate_assistant_loss,
     evaluate_heldout,
     multiple_choice,
@@ -177,3 +178,23 @@ def test_assistant_loss_counts_only_reply_tokens(tok: Tokenizer) -> None:
     reply_tokens = sum(len(tok.encode(c[1]["content"]).ids) + 1 for c in convs)  # + <|end|>
     assert out["tokens"] == reply_tokens and out["conversations"] == 2
     assert math.isfinite(out["loss"]) and out["perplexity"] == pytest.approx(math.exp(out["loss"]))
+
+
+def test_choice_logprobs_one_forward_per_context_equals_scoring_each_option() -> None:
+    """The single-token fast path (LM head at the last position only) gives the same log p as
+    scoring every (context, option) pair, also for contexts cut to the window; multi-token
+    options take the pairwise path."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_model_config(50, 16)).eval()
+    rng = np.random.default_rng(0)
+    contexts = [rng.integers(1, 50, size=n).tolist() for n in (3, 9, 16, 20, 1)]
+    options = [[7], [11], [13], [42]]
+    fast = choice_logprobs(model, contexts, options, batch_size=2)
+    assert fast.logprob.shape == (5, 4) and fast.truncated == 1  # the 20-token context
+    for i, ctx in enumerate(contexts):
+        ref = score_continuations(model, [ctx[-16:]] * 4, options).logprob
+        np.testing.assert_allclose(fast.logprob[i], ref, rtol=1e-5, atol=1e-5)
+    assert fast.picked.tolist() == fast.logprob.argmax(axis=1).tolist()
+    slow = choice_logprobs(model, contexts[:2], [[7, 8], [11]], batch_size=2)
+    ref = score_continuations(model, [contexts[0]], [[7, 8]]).logprob[0]
+    assert slow.logprob[0, 0] == pytest.approx(ref, abs=1e-5)

@@ -41,7 +41,16 @@ PROFILE = {
     "pretrain": {"batch_size": 2, "eval_batches": 2},
     "sft_train": {"batch_size": 2, "eval_batches": 1},
     "evaluation": {
-        "items": {"blimp": 2, "lambada": 3, "gsm8k_test": 2, "alpaca_eval": 3},
+        "items": {
+            "blimp": 2,
+            "lambada": 3,
+            "gsm8k_test": 2,
+            "alpaca_eval": 3,
+            "mmlu": 2,
+            "humaneval": 2,
+        },
+        "mmlu_shots": 1,
+        "humaneval": {"execute": True, "max_new_tokens": 8, "timeout_s": 5.0},
         "batch_size": 4,
         "max_new_tokens": 4,
         "gsm8k_max_new_tokens": 6,
@@ -128,6 +137,15 @@ def test_evaluation_report_with_base_only_then_every_stage(data: dict[str, Any])
     assert base["blimp"]["n"] == 4 and base["blimp"]["chance"] == 0.5  # 2 per phenomenon
     assert base["lambada"]["n"] == 3 and "absent" in base["gsm8k"]  # chat stages only
     assert "absent" in base["sft_val"]  # no sft_mixture yet
+    # MMLU (2 questions of each of 2 subjects) at 0 and 1 shots; HumanEval run in the sandbox
+    assert base["mmlu_0shot"]["n"] == 4 and base["mmlu_0shot"]["chance"] == 0.25
+    assert base["mmlu_kshot"]["shots"] == 1 and base["mmlu_kshot"]["subjects"] == 2
+    assert base["humaneval"]["n"] == 2 and sum(base["humaneval"]["outcomes"].values()) == 2
+    assert base["humaneval"]["sandbox"]["timeout_s"] == 5.0
+    assert meta["base_mmlu_0shot_accuracy"].value == pytest.approx(
+        base["mmlu_0shot"]["macro_accuracy"]
+    )
+    assert meta["base_humaneval_pass_at_1"].value == base["humaneval"]["pass@1"]
     assert meta["base_bpb"].value == pytest.approx(base["heldout"]["bpb"])
     assert meta["base_blimp_accuracy"].value == pytest.approx(base["blimp"]["accuracy"])
     assert "sft_bpb" not in meta
@@ -140,7 +158,15 @@ def test_evaluation_report_with_base_only_then_every_stage(data: dict[str, Any])
     assert checks[SFT_BELOW_BASE].metadata["skipped"].value
     assert "absent" in report["comparison"]  # no previous evaluation
     rejects = pl.read_parquet(data["root"] / "evaluation_report" / "rejects.parquet")
-    assert set(rejects["eval_set"]) == {"blimp", "lambada", "gsm8k_test", "alpaca_eval"}
+    assert set(rejects["eval_set"]) == {
+        "blimp",
+        "lambada",
+        "gsm8k_test",
+        "alpaca_eval",
+        "mmlu",
+        "humaneval",
+    }
+    assert report["trend"]["runs"] == []  # no earlier evaluation in MLflow
     first_run = meta["mlflow_run_id"].value
 
     # --- every stage present ------------------------------------------------------------------
@@ -163,6 +189,10 @@ def test_evaluation_report_with_base_only_then_every_stage(data: dict[str, Any])
     # Compared with the first run: the base model's figures did not move.
     comp = report["comparison"]
     assert comp["previous_run_id"] == first_run
+    assert [r["run_id"] for r in report["trend"]["runs"]] == [first_run]  # the trend's points
+    assert report["stages"]["sft"]["mmlu_0shot"]["template"] == "chat"
+    md = (data["root"] / "evaluation_report" / "report.md").read_text()
+    assert "### Scorecard" in md and "| MMLU 0-shot (macro) ↑ | 25% |" in md
     assert comp["figures"]["base_bpb"]["change"] == 0.0 and comp["regressions"] == []
     assert "sft_bpb" in comp["new"]
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
@@ -190,6 +220,7 @@ def test_eval_sets_keeps_whole_files_for_the_benchmarks(
     keeps under ``eval_sets/<id>/files/``, with the real record counts."""
     from pipeline.assets.sft import eval_sets
     from pipeline.eval.run import EvalSettings, load_sets
+    from pipeline.eval.settings import HumanEvalSettings
     from pipeline.resources import HubSource
     from pipeline.sources.mirror import MirrorServer
 
@@ -201,7 +232,11 @@ def test_eval_sets_keeps_whole_files_for_the_benchmarks(
         hub = HubSource(endpoint=server.url, files_mirror=f"{server.url}/files")
         result = dg.materialize(
             [eval_sets],
-            resources={"paths": Paths(data_root=str(root)), "hub": hub},
+            resources={
+                "paths": Paths(data_root=str(root)),
+                "hub": hub,
+                "profile": Profile(name="tiny"),  # every set of configs/eval_sets.yaml
+            },
             instance=instance,
         )
     assert result.success
@@ -211,7 +246,15 @@ def test_eval_sets_keeps_whole_files_for_the_benchmarks(
         in meta["sets"].value["blimp"]["files"]
     )
     settings = EvalSettings(
-        items={"blimp": 1000, "lambada": 10, "gsm8k_test": 10, "alpaca_eval": 10}
+        items={
+            "blimp": 1000,
+            "lambada": 10,
+            "gsm8k_test": 10,
+            "alpaca_eval": 10,
+            "mmlu": 1,
+            "humaneval": 10,
+        },
+        humaneval=HumanEvalSettings(execute=True),
     )
     sets, rejects = load_sets(root / "eval_sets", settings)
     assert {k: v.available for k, v in sets.items()} == {
@@ -219,5 +262,8 @@ def test_eval_sets_keeps_whole_files_for_the_benchmarks(
         "lambada": 5153,
         "gsm8k_test": 1319,
         "alpaca_eval": 805,
+        "mmlu": 12508,  # 56 subjects, professional_law not mirrored
+        "humaneval": 164,
     }
+    assert sets["mmlu"].items.height == 56  # one question per subject
     assert sets["blimp"].items.height == 6000 and rejects.height == 0

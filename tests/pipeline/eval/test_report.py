@@ -202,7 +202,7 @@ def test_written_report_files(tmp_path: Path) -> None:
     assert {"table", "svg", "figure"} <= tags
     html_text = files["html"].read_text()
     assert "&lt;b&gt;whale&lt;/b&gt;" in html_text  # model output is escaped
-    assert html_text.count("<svg") == 3  # loss curves, per-stage bars, accuracies
+    assert html_text.count("<svg") == 4  # trend, loss curves, per-stage bars, accuracies
     md = files["md"].read_text()
-    assert "| bpb ↓ | 2.000 | 2.100 | 2.100 |" in md
+    assert "| held-out bits per byte ↓ | – | 2.000 | 2.100 | 2.100 |" in md
     assert pl.read_parquet(files["rejects"])["reason"].to_list() == ["empty sentence"]
