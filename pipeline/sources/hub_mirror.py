@@ -20,9 +20,12 @@ mirror server answers the Hub endpoints the client (2.x) calls, from ``DIR/hf/da
 
 Each repository has one revision, ``main``, whose commit sha is a hash of the repository id and of
 every file's path, size and sha256: deterministic across machines, and it changes whenever the
-mirrored data does, so a stale client cache can never be mistaken for the current one. Model and
-Space repositories are not mirrored; their API answers ``RepoNotFound`` rather than falling through
-to the Gutenberg catch-all route.
+mirrored data does, so a stale client cache can never be mistaken for the current one. Model
+repositories are served the same way from ``DIR/hf/models/<org>/<name>/`` where that folder exists
+(``/api/models/…``, ``/{org}/{name}/resolve/…``: what ``from_pretrained`` fetches; the opt-in
+write API of :mod:`pipeline.sources.hub_write` stores pushed models there). Spaces, and models
+where there is no such folder, answer ``RepoNotFound`` rather than falling through to the
+Gutenberg catch-all route.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from pipeline.sources.mirror import MirrorRequestHandler, Route, resolve_under
 DEFAULT_BRANCH = "main"
 # What the Hub's default .gitattributes sends to LFS among the formats datasets use; big files too.
 LFS_SUFFIXES = frozenset({".parquet", ".arrow", ".gz", ".zip", ".zst", ".bz2", ".xz", ".tar"})
+# ... and among model weights (the same .gitattributes), so a pushed model takes the LFS path.
+LFS_SUFFIXES |= {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx"}
 LFS_MIN_BYTES = 10 * 1024 * 1024
 _LFS_POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n"
 _CHUNK = 1 << 20
@@ -185,9 +190,12 @@ def scan_repo(repo_id: str, directory: Path) -> HubRepo:
     """Index every regular file under ``directory`` (hidden paths skipped) and derive the commit."""
     files: dict[str, HubFile] = {}
     newest = 0.0
+    real_root = directory.resolve()
     for local in sorted(p for p in directory.rglob("*") if p.is_file()):
         relative = local.relative_to(directory)
         if any(part.startswith(".") for part in relative.parts):
+            continue
+        if not local.resolve().is_relative_to(real_root):  # a symlink out of the repository
             continue
         files[relative.as_posix()] = describe_file(local, relative.as_posix())
         newest = max(newest, local.stat().st_mtime)
@@ -198,16 +206,29 @@ def scan_repo(repo_id: str, directory: Path) -> HubRepo:
     return HubRepo(repo_id, files, commit.hexdigest(), stamp)
 
 
+# Written by the opt-in write API (pipeline.sources.hub_write) after each commit: a repository
+# whose stamp changed is indexed again. Hidden, so never listed as a file of the repository.
+WRITE_STAMP = ".hub-write"
+
+
+def _write_stamp(directory: Path) -> str:
+    try:
+        return (directory / WRITE_STAMP).read_text()
+    except OSError:
+        return ""
+
+
 class HubDatasets:
     """Thread-safe, lazily built index of ``<root>/<org>/<name>`` repositories.
 
-    The mirror is read-only, so each repository is hashed once per server, on first request,
-    and only the repositories a test or run touches are ever hashed.
+    Each repository is hashed once per server, on first request (only the repositories a test
+    or run touches are ever hashed), and again only after a write through the opt-in write API
+    changed its :data:`WRITE_STAMP`.
     """
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._repos: dict[str, HubRepo] = {}
+        self._repos: dict[str, tuple[str, HubRepo]] = {}
         self._lock = threading.Lock()
 
     def repo(self, org: str, name: str) -> HubRepo | None:
@@ -218,10 +239,12 @@ class HubDatasets:
         if directory is None or not directory.is_dir():
             return None
         repo_id = f"{org}/{name}"
+        stamp = _write_stamp(directory)
         with self._lock:
-            if repo_id not in self._repos:
-                self._repos[repo_id] = scan_repo(repo_id, directory)
-            return self._repos[repo_id]
+            cached = self._repos.get(repo_id)
+            if cached is None or cached[0] != stamp:
+                self._repos[repo_id] = (stamp, scan_repo(repo_id, directory))
+            return self._repos[repo_id][1]
 
 
 def _raw_segments(request: MirrorRequestHandler, skip: int) -> list[str]:
@@ -256,10 +279,13 @@ def _flag(request: MirrorRequestHandler, name: str) -> bool:
 
 
 class HubApi:
-    """Route handlers over one :class:`HubDatasets` index."""
+    """Route handlers over one :class:`HubDatasets` index of ``kind`` repositories: ``datasets``
+    (``/api/datasets/…``, ``/datasets/{org}/{name}/resolve/…``) or ``models`` (``/api/models/…``,
+    ``/{org}/{name}/resolve/…``, the Hub's URLs for models)."""
 
-    def __init__(self, datasets: HubDatasets) -> None:
+    def __init__(self, datasets: HubDatasets, kind: str = "datasets") -> None:
         self.datasets = datasets
+        self.kind = kind
 
     def _repo_at(
         self, request: MirrorRequestHandler, org: str, name: str, revision: str
@@ -267,9 +293,10 @@ class HubApi:
         """The repository if it and ``revision`` exist; otherwise sends the 404 and returns None."""
         repo = self.datasets.repo(org, name)
         if repo is None:
-            send_hub_error(request, "RepoNotFound", f"Repository not found: datasets/{org}/{name}")
+            message = f"Repository not found: {self.kind}/{org}/{name}"
+            send_hub_error(request, "RepoNotFound", message)
         elif not repo.has_revision(revision):
-            message = f"Invalid rev id: {revision} (datasets/{repo.repo_id})"
+            message = f"Invalid rev id: {revision} ({self.kind}/{repo.repo_id})"
             send_hub_error(request, "RevisionNotFound", message)
         else:
             return repo
@@ -307,8 +334,8 @@ class HubApi:
             request.send_json({"error": "Sorry, we can't find the page you are looking for."}, 404)
 
     def resolve(self, request: MirrorRequestHandler, match: re.Match[str]) -> None:
-        """``/datasets/{org}/{name}/resolve/{rev}/{path}``: the file with the Hub's headers."""
-        segments = _raw_segments(request, skip=1)
+        """``[/datasets]/{org}/{name}/resolve/{rev}/{path}``: the file with the Hub's headers."""
+        segments = _raw_segments(request, skip=1 if self.kind == "datasets" else 0)
         if len(segments) < 5 or segments[2] != "resolve" or not segments[4]:
             request.send_text(404, "not found\n")
             return
@@ -334,16 +361,27 @@ class HubApi:
 
 
 def _not_mirrored(request: MirrorRequestHandler, match: re.Match[str]) -> None:
-    send_hub_error(request, "RepoNotFound", "Only dataset repositories are mirrored")
+    send_hub_error(request, "RepoNotFound", "This repository type is not mirrored here")
 
 
 def hub_routes(datasets_root: Path) -> list[Route]:
-    """Routes serving ``datasets_root`` (``DIR/hf/datasets``) through the Hub API."""
+    """Routes serving ``datasets_root`` (``DIR/hf/datasets``) through the Hub API, and its
+    sibling ``DIR/hf/models`` where that exists."""
     api = HubApi(HubDatasets(datasets_root))
     get = frozenset({"GET"})
-    return [
+    routes = [
         Route("hub-api", re.compile(r"^/api/datasets/"), api.api, get),
         Route("hub-resolve", re.compile(r"^/datasets/"), api.resolve),
+    ]
+    models_root = datasets_root.parent / "models"
+    if models_root.is_dir():
+        models = HubApi(HubDatasets(models_root), kind="models")
+        routes += [
+            Route("hub-model-api", re.compile(r"^/api/models/"), models.api, get),
+            Route("hub-model-resolve", re.compile(r"^/[^/]+/[^/]+/resolve/"), models.resolve),
+        ]
+    return [
+        *routes,
         Route("hub-not-mirrored", re.compile(r"^/api/(?:models|spaces)/"), _not_mirrored, get),
         Route("hub-model-resolve", re.compile(r"^/[^/]+/[^/]+/resolve/"), _not_mirrored),
     ]

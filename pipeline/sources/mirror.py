@@ -142,11 +142,30 @@ class Route:
 
 
 def resolve_under(base: Path, relative: str) -> Path | None:
-    """``base/relative`` if it stays inside ``base``, else None (path traversal refused)."""
+    """``base/relative`` if it stays inside ``base``, else None (path traversal refused).
+
+    The name is checked (no ``..``, empty, backslash or NUL segment) and so is where it leads:
+    a symlink inside the served folder that points out of it (``files/x/passwd`` ->
+    ``/etc/passwd``) resolves outside ``base`` and is refused like ``..``.
+    """
     parts = relative.split("/")
     if any(p in ("", ".", "..") or "\\" in p or "\x00" in p for p in parts):
         return None
-    return base.joinpath(*parts)
+    candidate = base.joinpath(*parts)
+    try:
+        inside = candidate.resolve().is_relative_to(base.resolve())
+    except (OSError, RuntimeError):  # a symlink loop
+        return None
+    return candidate if inside else None
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def header_value(value: object) -> str:
+    """A header value with every control character (CR, LF, NUL ...) removed: a request path or
+    file name echoed into a header can then never start a header or a body of its own."""
+    return _CONTROL.sub("", str(value))
 
 
 def static_route(name: str, prefix: str, base: Path) -> Route:
@@ -162,7 +181,7 @@ def static_route(name: str, prefix: str, base: Path) -> Route:
 def default_routes(root: Path) -> list[Route]:
     """Plain-URL files, the Hub API when ``root/hf/datasets`` exists, then the gutenberg.org layout."""
     routes = [static_route("files", "/files/", root / "files")]
-    if (root / "hf" / "datasets").is_dir():
+    if (root / "hf" / "datasets").is_dir() or (root / "hf" / "models").is_dir():
         from pipeline.sources.hub_mirror import hub_routes  # imports this module: import it late
 
         routes.extend(hub_routes(root / "hf" / "datasets"))
@@ -213,6 +232,14 @@ class MirrorRequestHandler(BaseHTTPRequestHandler):
         self._dispatch()
 
     def do_HEAD(self) -> None:
+        self._dispatch()
+
+    # POST/PUT reach only routes that accept them (the opt-in Hub write API,
+    # pipeline.sources.hub_write); every other route answers 405.
+    def do_POST(self) -> None:
+        self._dispatch()
+
+    def do_PUT(self) -> None:
         self._dispatch()
 
     def log_message(self, format: str, *args: object) -> None:
@@ -336,7 +363,7 @@ class MirrorRequestHandler(BaseHTTPRequestHandler):
     def _start_response(self, status: int, headers: dict[str, str]) -> None:
         self.send_response(status)
         for key, value in headers.items():
-            self.send_header(key, value)
+            self.send_header(header_value(key), header_value(value))
         self.end_headers()
 
     def _write_body(self, chunks: Iterable[bytes], length: int) -> None:

@@ -39,7 +39,7 @@ from tests.e2e.stack import (
 )
 from tests.e2e.tiny_graph import CLI_JOB, GraphRun, cli_run_id
 
-SERVICES = {"postgres", "mlflow", "dagster-code", "dagster-webserver", "dagster-daemon"}
+SERVICES = {"postgres", "mlflow", "dagster-code", "dagster-webserver", "dagster-daemon", "chat"}
 SCRIPTORIUM_SERVICES = SERVICES - {"postgres"}
 SECRETS = ("POSTGRES_PASSWORD", "DAGSTER_PG_PASSWORD", "MLFLOW_PG_PASSWORD")
 
@@ -84,6 +84,14 @@ def test_compose_file_accepted_and_wired(tmp_path: Path) -> None:
         assert services[name]["environment"]["DAGSTER_CODE_SERVER_HOST"] == "dagster-code"
     assert (
         services["dagster-webserver"]["environment"]["DAGSTER_PG_PASSWORD"] == "change-me-dagster"
+    )
+    chat = services["chat"]  # the newest aligned model, read-only from the data volume
+    assert "scriptorium serve --weights" in " ".join(chat["command"])
+    assert "/data/rlhf_weights" in " ".join(chat["command"])
+    assert any(  # the short syntax (docker-compose v1) or the long one (compose v2)
+        str(v).endswith(":/data:ro")
+        or (isinstance(v, dict) and v["target"] == "/data" and v.get("read_only"))
+        for v in chat["volumes"]
     )
 
     # No default password anywhere: without them in the environment, compose refuses to start.
