@@ -1,4 +1,8 @@
-"""Byte-level BPE: training from a stream, the reserved special tokens and the chat template.
+"""Tokenizers: training from a stream, the reserved special tokens and the chat template.
+
+Two kinds (the profile's ``tokenizer.kind``): byte-level ``bpe`` (every corpus; exact
+round-trips) and ``word`` (a word-level vocabulary with an unknown token, for toy corpora whose
+vocabulary a learner should be able to read: "I", "like", "coffee", ".").
 
 The special tokens are reserved when the tokenizer is *trained*, so later stages (SFT chat turns,
 alignment) never resize the embedding matrix. Ids are fixed: ``<|endoftext|>`` is 0, the rest
@@ -24,6 +28,9 @@ ASSISTANT = "<|assistant|>"
 END = "<|end|>"
 SPECIAL_TOKENS: tuple[str, ...] = (EOT, PAD, SYSTEM, USER, ASSISTANT, END)
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+# The word-level tokenizer's unknown word; it follows the chat specials (id 6).
+UNK = "<|unk|>"
+KINDS = ("bpe", "word")
 
 # Smallest useful vocabulary: the specials, the 256 byte symbols and a few merges.
 MIN_VOCAB = len(SPECIAL_TOKENS) + 256 + 1
@@ -75,6 +82,47 @@ def train_bpe(
     return tok
 
 
+def train_words(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 1) -> Tokenizer:
+    """A word-level tokenizer: words and punctuation (``Whitespace`` pre-tokenisation) seen at
+    least ``min_frequency`` times, the most frequent first up to ``vocab_size``; every other word
+    becomes ``<|unk|>``. Decoding joins words with single spaces, so it round-trips text written
+    with spaces around punctuation ("I like tea ."), which is how the toy corpus is written."""
+    specials = [*SPECIAL_TOKENS, UNK]
+    if vocab_size <= len(specials):
+        raise ValueError(
+            f"vocab_size={vocab_size} leaves no room beside the {len(specials)} specials"
+        )
+    tok = Tokenizer(models.WordLevel(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=specials,
+        show_progress=False,
+    )
+    tok.train_from_iterator(text_chunks(texts), trainer=trainer)
+    for i, special in enumerate(specials):
+        if tok.token_to_id(special) != i:
+            raise RuntimeError(f"special token {special} did not get id {i}")
+    return tok
+
+
+def train_tokenizer(
+    kind: str, texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2
+) -> Tokenizer:
+    """Train the profile's ``tokenizer.kind`` (``bpe`` or ``word``)."""
+    if kind == "bpe":
+        return train_bpe(texts, vocab_size, min_frequency=min_frequency)
+    if kind == "word":
+        return train_words(texts, vocab_size, min_frequency=min_frequency)
+    raise ValueError(f"profile `tokenizer.kind` {kind!r} is not one of {list(KINDS)}")
+
+
+def tokenizer_kind(tok: Tokenizer) -> str:
+    """``word`` for a word-level tokenizer, else ``bpe``."""
+    return "word" if isinstance(tok.model, models.WordLevel) else "bpe"
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load ``tokenizer.json``; errors name the file and say which specials are missing."""
     path = Path(path)
@@ -122,21 +170,31 @@ class HeldOutStats:
 
 
 def held_out_stats(tok: Tokenizer, texts: Sequence[str]) -> HeldOutStats:
-    """Bytes per token and exact decode(encode(x)) == x on held-out texts."""
+    """Bytes per token and exact decode(encode(x)) == x on held-out texts.
+
+    A word-level tokenizer round-trips when decoding gives the text's words joined by single
+    spaces (it keeps no whitespace and maps unseen words to ``<|unk|>``)."""
     n_bytes = n_tokens = 0
     first_mismatch = None
+    words = tokenizer_kind(tok) == "word"
     for i, text in enumerate(texts):
         ids = tok.encode(text, add_special_tokens=False).ids
         n_bytes += len(text.encode("utf-8"))
         n_tokens += len(ids)
-        if first_mismatch is None and tok.decode(ids, skip_special_tokens=False) != text:
+        expected = text
+        if words:
+            assert tok.pre_tokenizer is not None
+            expected = " ".join(w for w, _ in tok.pre_tokenizer.pre_tokenize_str(text))
+        if first_mismatch is None and tok.decode(ids, skip_special_tokens=False) != expected:
             first_mismatch = i
     return HeldOutStats(len(texts), n_bytes, n_tokens, first_mismatch is None, first_mismatch)
 
 
-def timed_train(texts: Iterable[str], vocab_size: int, **kw: Any) -> tuple[Tokenizer, float]:
+def timed_train(
+    texts: Iterable[str], vocab_size: int, *, kind: str = "bpe", **kw: Any
+) -> tuple[Tokenizer, float]:
     t0 = time.perf_counter()
-    tok = train_bpe(texts, vocab_size, **kw)
+    tok = train_tokenizer(kind, texts, vocab_size, **kw)
     return tok, time.perf_counter() - t0
 
 

@@ -37,6 +37,8 @@ from pipeline.text.preferences import (
     pair_problems,
     read_pairs_frame,
 )
+from pipeline.text.profile_data import INLINE, enabled, inline_pairs, split_section
+from pipeline.text.source_languages import selected_source_ids
 
 GROUP = "alignment"
 CODE_VERSION = "1"
@@ -76,10 +78,16 @@ def preference_pairs(
     context: dg.AssetExecutionContext, paths: Paths, profile: Profile, hub: HubSource
 ) -> dg.MaterializeResult:
     """Preference pairs (prompt messages, chosen, rejected) for the reward model and DPO."""
-    cfg = PreferenceConfig.from_profile(profile.load())
-    sources = load_preference_sources(sources_config())
+    p = profile.load()
+    section, data = split_section(p.get("preference") or {})
+    cfg = PreferenceConfig.from_profile({**p, "preference": section})
+    registry = load_preference_sources(sources_config())
+    # The profile's list, else the sources in its languages (pipeline.text.source_languages).
+    sources = enabled(
+        registry, selected_source_ids(registry, p, "preference"), "preference.sources"
+    )
     out = paths.asset_dir(KEY)
-    parts, origins = [], {}
+    parts, origins = [inline_pairs(data)], {}
     for source in sources:
         files = fetch_files(source, out / source.id, hub, paths)
         parts.append(adapt_pairs(source, files))
@@ -97,7 +105,8 @@ def preference_pairs(
             min_words=cfg.decontam_min_words,
         )
     count = token_counter(paths.require("bpe_tokenizer", "tokenizer.json"))
-    result = build_pairs(pl.concat(parts), sources, count, index, cfg)
+    inline_source = [INLINE] if parts[0].height else []  # the profile's own pairs, if any
+    result = build_pairs(pl.concat(parts), [*sources, *inline_source], count, index, cfg)
     atomic_write_parquet(result.train, out / "train.parquet")
     atomic_write_parquet(result.val, out / "val.parquet")
     atomic_write_parquet(result.rejects, out / "rejects.parquet")

@@ -14,41 +14,71 @@ from llm_core.tokenizer import SPECIAL_TOKENS, held_out_stats, timed_train
 from pipeline.assets.gutenberg import cleaned_books
 from pipeline.io import atomic_write_text, dir_bytes, sha256_file, version_hash
 from pipeline.resources import Paths, Profile, profile_code_version
-from pipeline.text.shards import encode_books_to_shards, iter_book_texts, split_val_books
+from pipeline.text.shards import (
+    char_split,
+    encode_books_to_shards,
+    iter_book_texts,
+    split_val_books,
+)
 
 GROUP = "data"
 CODE_VERSION = "1"
 
 
 def held_out_ids(paths: Paths, profile: Profile) -> set[int]:
+    """The held-out books; none when the profile splits by characters (``val_fraction``)."""
     books = paths.require("cleaned_books", "books.parquet")
     ids = pl.scan_parquet(books).select("id").collect()["id"].to_list()
     p = profile.load()
+    if val_fraction(profile):
+        return set()
     return split_val_books(ids, int(p.get("val_books", 1)), int(p.get("seed", 0)))
+
+
+def held_out_texts(paths: Paths, profile: Profile) -> list[tuple[int, str]]:
+    """``(book id, text)`` of everything held out: whole books, or every book's tail."""
+    books = paths.require("cleaned_books", "books.parquet")
+    val_ids = held_out_ids(paths, profile)
+    held = list(iter_book_texts(books, include=val_ids))
+    if fraction := val_fraction(profile):
+        _, val_chars = char_split(fraction)
+        held += list(iter_book_texts(books, exclude=val_ids, chars=val_chars))
+    return held
+
+
+def val_fraction(profile: Profile) -> float:
+    """The profile's ``val_fraction``: the last fraction of every text's characters is held out
+    (a one-story corpus cannot hold out a whole book); 0 or unset holds out ``val_books``."""
+    return float(profile.load().get("val_fraction") or 0.0)
 
 
 @dg.asset(
     group_name=GROUP,
-    code_version=profile_code_version(CODE_VERSION, "vocab_size", "val_books", "seed", "tokenizer"),
+    code_version=profile_code_version(
+        CODE_VERSION, "vocab_size", "val_books", "val_fraction", "seed", "tokenizer"
+    ),
     deps=[cleaned_books],
     kinds={"huggingface"},
 )
 def bpe_tokenizer(
     context: dg.AssetExecutionContext, paths: Paths, profile: Profile
 ) -> dg.MaterializeResult:
-    """Byte-level BPE (``tokenizer.json``) with the reserved chat specials, vocab from the profile."""
+    """The tokenizer (``tokenizer.json``; byte-level BPE, or word-level with ``tokenizer.kind:
+    word``) with the reserved chat specials, vocab from the profile."""
     books = paths.require("cleaned_books", "books.parquet")
     out = paths.asset_dir("bpe_tokenizer")
     p = profile.load()
     vocab_size = int(p["vocab_size"])
-    min_frequency = int((p.get("tokenizer") or {}).get("min_frequency", 2))
+    settings = p.get("tokenizer") or {}
+    min_frequency = int(settings.get("min_frequency", 2))
+    kind = str(settings.get("kind", "bpe"))
     val_ids = held_out_ids(paths, profile)
-    texts = (t for _, t in iter_book_texts(books, exclude=val_ids))
-    tok, seconds = timed_train(texts, vocab_size, min_frequency=min_frequency)
+    train_chars, _ = char_split(val_fraction(profile))
+    texts = (t for _, t in iter_book_texts(books, exclude=val_ids, chars=train_chars))
+    tok, seconds = timed_train(texts, vocab_size, kind=kind, min_frequency=min_frequency)
     atomic_write_text(out / "tokenizer.json", tok.to_str(pretty=True))
-    held = [t for _, t in iter_book_texts(books, include=val_ids)]
-    stats = held_out_stats(tok, held)
-    if not stats.roundtrip_exact:
+    stats = held_out_stats(tok, [t for _, t in held_out_texts(paths, profile)])
+    if not stats.roundtrip_exact and kind == "bpe":  # a word vocabulary may lack held-out words
         raise RuntimeError(f"tokenizer does not round-trip held-out book #{stats.first_mismatch}")
     atomic_write_text(
         out / "stats.json",
@@ -59,6 +89,7 @@ def bpe_tokenizer(
     return dg.MaterializeResult(
         metadata={
             "vocab_size": tok.get_vocab_size(),
+            "kind": kind,
             "special_tokens": dg.MetadataValue.json(list(SPECIAL_TOKENS)),
             "train_seconds": round(seconds, 2),
             "held_out_books": dg.MetadataValue.json(sorted(val_ids)),
@@ -73,7 +104,9 @@ def bpe_tokenizer(
 
 @dg.asset(
     group_name=GROUP,
-    code_version=profile_code_version(CODE_VERSION, "vocab_size", "val_books", "seed", "shards"),
+    code_version=profile_code_version(
+        CODE_VERSION, "vocab_size", "val_books", "val_fraction", "seed", "shards"
+    ),
     deps=[cleaned_books, bpe_tokenizer],
     kinds={"numpy"},
 )
@@ -93,6 +126,7 @@ def token_shards(
         tokens_per_shard=int(p["shards"]["tokens_per_shard"]),
         val_ids=val_ids,
         vocab_size=int(p["vocab_size"]),
+        val_fraction=val_fraction(profile),
     )
     context.log.info(
         f"{stats.n_shards} shards, {stats.tokens} tokens, {stats.tokens_per_s:,.0f} tok/s"

@@ -11,6 +11,7 @@ stays at the import floor of NumPy, pyarrow and ``tokenizers``.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -40,14 +41,29 @@ def split_val_books(ids: Iterable[int], n_val: int, seed: int) -> set[int]:
     return set(rank[:n])
 
 
+def char_split(val_fraction: float) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(train, val) character ranges when every book is split by characters: the profile's
+    ``val_fraction`` (the last fraction of each text is held out; "LLMs from scratch" holds out
+    10% of its one short story this way). 0 keeps whole books in train."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"profile `val_fraction` must be in [0, 1), got {val_fraction}")
+    return (0.0, 1.0 - val_fraction), (1.0 - val_fraction, 1.0)
+
+
 def iter_book_texts(
     books_parquet: str | Path,
     *,
     include: set[int] | None = None,
     exclude: set[int] | None = None,
     batch_rows: int = 8,
+    chars: tuple[float, float] = (0.0, 1.0),
 ) -> Iterator[tuple[int, str]]:
-    """Stream ``(id, text)`` from ``books.parquet`` a few rows at a time, in file order."""
+    """Stream ``(id, text)`` from ``books.parquet`` a few rows at a time, in file order.
+
+    ``chars`` keeps that fraction of each text, by character: ``(0, 0.9)`` is the first 90%,
+    ``(0.9, 1)`` the rest (the split by characters of a one-book corpus, see
+    :func:`char_split`)."""
+    lo, hi = chars
     pf = pq.ParquetFile(books_parquet)
     for batch in pf.iter_batches(batch_size=batch_rows, columns=["id", "text"]):
         for book_id, text in zip(
@@ -57,6 +73,8 @@ def iter_book_texts(
                 continue
             if exclude is not None and book_id in exclude:
                 continue
+            if (lo, hi) != (0.0, 1.0):
+                text = text[int(lo * len(text)) : int(hi * len(text))]
             yield int(book_id), text
 
 
@@ -136,12 +154,15 @@ def encode_books_to_shards(
     vocab_size: int,
     batch_chars: int = 4 << 20,
     piece_chars: int = 64 << 10,
+    val_fraction: float = 0.0,
 ) -> tuple[dict[str, Any], ShardStats]:
     """Encode every book into train/val shards under ``out_dir`` and write ``manifest.json``.
 
     ``vocab_size`` is the profile's; a tokenizer that disagrees is an error here rather than an
-    out-of-range embedding index later.
+    out-of-range embedding index later. ``val_fraction`` > 0 also holds out the last fraction of
+    every other book's characters (:func:`char_split`).
     """
+    train_chars, val_chars = char_split(val_fraction)
     tok = load_tokenizer(tokenizer_path)
     if tok.get_vocab_size() > vocab_size:
         raise ValueError(
@@ -160,10 +181,16 @@ def encode_books_to_shards(
     tokens: dict[str, int] = {}
     books: dict[str, int] = {}
     nbytes: dict[str, int] = {}
-    for split, include, exclude in (("train", None, val_ids), ("val", val_ids, None)):
+    for split in ("train", "val"):
         writer = ShardWriter(out_dir, split=split, tokens_per_shard=tokens_per_shard, dtype=dtype)
         n_books = n_bytes = 0
-        texts = iter_book_texts(books_parquet, include=include, exclude=exclude)
+        if split == "train":
+            texts = iter_book_texts(books_parquet, exclude=val_ids, chars=train_chars)
+        else:
+            texts = iter_book_texts(books_parquet, include=val_ids)
+            if val_fraction > 0:
+                tails = iter_book_texts(books_parquet, exclude=val_ids, chars=val_chars)
+                texts = itertools.chain(texts, tails)
         eot = np.asarray([eot_id], dtype=dtype)
         for batch, counts, batch_bytes in _batches_by_bytes(texts, batch_chars, piece_chars):
             encodings = iter(tok.encode_batch(batch, add_special_tokens=False))
@@ -187,6 +214,7 @@ def encode_books_to_shards(
         "tokenizer_sha256": file_sha256(tokenizer_path),
         "tokens_per_shard": tokens_per_shard,
         "val_book_ids": sorted(val_ids),
+        "val_char_fraction": val_fraction,
         "splits": {s: {"tokens": tokens[s], "bytes": nbytes[s], "books": books[s]} for s in tokens},
         "shards": entries,
     }

@@ -71,3 +71,33 @@ def test_load_tokenizer_errors_name_the_file(tmp_path, tok) -> None:
 def test_render_chat_rejects_unknown_roles() -> None:
     with pytest.raises(ValueError, match="unknown chat role"):
         render_chat([{"role": "robot", "content": "x"}])
+
+
+def test_word_tokenizer_reads_as_words() -> None:
+    """``tokenizer.kind: word``: the chat specials keep their ids, ``<|unk|>`` follows them, the
+    vocabulary is the corpus's words, and decoding joins words with single spaces."""
+    from llm_core.tokenizer import (
+        SPECIAL_TOKENS,
+        UNK,
+        held_out_stats,
+        render_chat,
+        tokenizer_kind,
+        train_tokenizer,
+    )
+
+    tok = train_tokenizer(
+        "word", ["the cat likes milk .\nthe dog likes bones ."], 64, min_frequency=1
+    )
+    assert tokenizer_kind(tok) == "word"
+    assert [tok.token_to_id(t) for t in (*SPECIAL_TOKENS, UNK)] == list(range(7))
+    assert tok.get_vocab_size() == 7 + 7  # the, cat, dog, likes, milk, bones, .
+    enc = tok.encode("the cat likes bones.", add_special_tokens=False)
+    assert enc.tokens == ["the", "cat", "likes", "bones", "."]
+    assert tok.decode(enc.ids) == "the cat likes bones ."
+    assert tok.encode("the cow", add_special_tokens=False).tokens == ["the", UNK]
+    chat = render_chat([{"role": "user", "content": "the cat ?"}], add_generation_prompt=True)
+    assert tok.encode(chat, add_special_tokens=False).tokens[0] == "<|user|>"
+    assert held_out_stats(tok, ["the dog likes milk."]).roundtrip_exact  # words, single spaces
+    assert not held_out_stats(tok, ["the cow likes milk ."]).roundtrip_exact  # an unknown word
+    with pytest.raises(ValueError, match="tokenizer.kind"):
+        train_tokenizer("chars", ["x"], 64)
