@@ -33,6 +33,38 @@ ARCHS = ("llama", "gpt2")
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """Routed experts in place of the SwiGLU MLP (``model.moe`` in a profile; see
+    :mod:`llm_core.moe`). Each expert is a SwiGLU MLP of width ``ffn_hidden``; each token goes
+    to its ``top_k`` experts, so the active feed-forward width per token is
+    ``top_k * ffn_hidden``. ``aux_loss_coef`` weighs the Switch/Mixtral load-balancing loss
+    (1.0 when perfectly balanced), ``z_loss_coef`` the router z-loss (ST-MoE; 0 turns it off).
+    """
+
+    n_experts: int
+    top_k: int = 2
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.n_experts < 2:
+            raise ValueError(f"model.moe.n_experts must be >= 2, got {self.n_experts}")
+        if not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(
+                f"model.moe.top_k must be in [1, n_experts={self.n_experts}], got {self.top_k}"
+            )
+        if self.aux_loss_coef < 0 or self.z_loss_coef < 0:
+            raise ValueError("model.moe.aux_loss_coef and z_loss_coef must be >= 0")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MoEConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        if unknown := set(d) - names:
+            raise ValueError(f"unknown model.moe keys: {sorted(unknown)}; allowed: {sorted(names)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Shape of the decoder-only transformer.
 
@@ -55,10 +87,15 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     arch: str = "llama"  # one of ARCHS
+    moe: MoEConfig | None = None  # routed experts instead of the MLP (a dict is converted)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"unknown model arch {self.arch!r}; expected one of {list(ARCHS)}")
+        if isinstance(self.moe, dict):  # from a profile or a saved config.json
+            object.__setattr__(self, "moe", MoEConfig.from_dict(self.moe))
+        if self.moe is not None and self.arch != "llama":
+            raise ValueError(f"model.moe needs arch 'llama', got {self.arch!r}")
         kv = self.kv_heads
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
@@ -78,7 +115,10 @@ class ModelConfig:
         return self.d_model // self.n_head
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["moe"] is None:  # dense configs (and their hashes) stay as they were before MoE
+            del d["moe"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:

@@ -224,5 +224,7 @@ def decode_step(
     y = attention(qk[:, :nh, None], k, v, attn_mask, False)  # [B, H, 1, D]
     x = torch.addmm(x, y.reshape(b, nh * hd), weight_t(attn.proj))
     h = F.rms_norm(x, (d,), mlp_norm.weight, mlp_norm.eps)
+    if hasattr(block.mlp, "experts"):  # routed experts (llm_core.moe.MoE)
+        return (x + block.mlp(h)).view(b, 1, d)
     gate = F.silu(torch.mm(h, weight_t(mlp.gate))).mul_(torch.mm(h, weight_t(mlp.up)))
     return torch.addmm(x, gate, weight_t(mlp.down)).view(b, 1, d)

@@ -46,6 +46,7 @@ from llm_core.kernels import (
     compute_dtype,
     needs_grad,
 )
+from llm_core.moe import MoE
 
 __all__ = ["RMSNorm", "Transformer", "positions_from_doc_ids"]
 
@@ -179,7 +180,9 @@ class Block(nn.Module):
         self.attn_norm = make_norm(config)
         self.attn = Attention(config)
         self.mlp_norm = make_norm(config)
-        self.mlp: MLP | GeluMLP = GeluMLP(config) if config.arch == "gpt2" else MLP(config)
+        self.mlp: MLP | GeluMLP | MoE = GeluMLP(config) if config.arch == "gpt2" else MLP(config)
+        if config.moe is not None:  # routed experts (llm_core.moe) in place of the MLP
+            self.mlp = MoE(config)
 
     def forward(
         self,
@@ -249,7 +252,9 @@ class Transformer(nn.Module):
         proj_std = std / math.sqrt(2 * self.config.n_layer)
         for block in self.blocks:
             nn.init.normal_(block.attn.proj.weight, mean=0.0, std=proj_std)
-            nn.init.normal_(block.mlp.out_proj.weight, mean=0.0, std=proj_std)
+            mlp = block.mlp
+            for proj in mlp.out_projs if isinstance(mlp, MoE) else [mlp.out_proj]:
+                nn.init.normal_(proj.weight, mean=0.0, std=proj_std)
 
     # ------------------------------------------------------------------ forward passes
 
@@ -423,6 +428,10 @@ class Transformer(nn.Module):
         cfg = self.config
         t = seq_len or cfg.context_length
         n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        for moe in (b.mlp for b in self.blocks if isinstance(b.mlp, MoE)):  # active experts only
+            n_matmul -= (moe.n_experts - moe.top_k) * sum(
+                p.numel() for p in moe.experts[0].parameters()
+            )
         return 6.0 * n_matmul + 12.0 * cfg.n_layer * cfg.d_model * t
 
     def new_kv_cache(

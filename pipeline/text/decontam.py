@@ -5,7 +5,8 @@ the SFT mix: a model that saw the test question (or its answer) during training 
 score meaningless. The rule follows GPT-3's (Brown et al., 2020, appendix C): ``n`` is the 5th
 percentile of the set's prompt lengths in words, clamped to ``[min_n, max_n]`` (8 and 13 by
 default), and a prompt shorter than ``n`` words (but at least ``min_words``) must appear whole.
-Words are lower-cased ``\\w+`` runs, so punctuation and spacing do not hide a copy.
+Words are lower-cased ``\\w+`` runs, so punctuation and spacing do not hide a copy; in Chinese and
+Japanese, which have no spaces, each Han/Kana character is a word (character n-grams).
 
 Everything is vectorised: polars splits and hashes the words, NumPy builds rolling hashes of every
 window and ``searchsorted`` looks them up, so checking tens of thousands of conversations against
@@ -29,10 +30,14 @@ from pipeline.text.adapters.base import read_records
 from pipeline.text.adapters.registry import ID_PATTERN, REPO_PATTERN, SHA256_PATTERN
 
 _KEYS = frozenset(
-    {"id", "repo", "url", "revision", "patterns", "sha256", "prompt_fields", "licence"}
-)
+    {"id", "repo", "url", "revision", "patterns", "sha256", "files", "columns", "prompt_fields",
+     "licence"}
+)  # fmt: skip
+FILE_PLACEHOLDER = "{file}"
 _HASH_SEED = 20_240_611
 _PRIME = np.uint64(1_099_511_628_211)  # FNV-64 prime: an odd multiplier mixes every word in
+# One Han/Kana character, or a run of other word characters (English: exactly ``\w+``).
+WORD_PATTERN = r"[\p{Han}\p{Hiragana}\p{Katakana}]|[^\W\p{Han}\p{Hiragana}\p{Katakana}]+"
 PROMPTS_SCHEMA = pl.Schema({"eval_set": pl.String, "prompt": pl.String})
 
 
@@ -56,6 +61,18 @@ class EvalSet:
     patterns: tuple[str, ...] = ()
     url: str | None = None
     sha256: str | None = None
+    # url only: names substituted for ``{file}`` in ``url`` (one download each), so a set
+    # published as many files (MMLU: one CSV per subject) is one entry.
+    files: tuple[str, ...] = ()
+    # column names of headerless CSV files, whose first row is data
+    columns: tuple[str, ...] = ()
+
+    def urls(self) -> list[str]:
+        """Every URL of a url entry: ``url`` itself, or once per name of ``files``."""
+        assert self.url is not None
+        if not self.files:
+            return [self.url]
+        return [self.url.replace(FILE_PLACEHOLDER, name) for name in self.files]
 
 
 def load_eval_sets(path: Path | str) -> list[EvalSet]:
@@ -86,6 +103,8 @@ def load_eval_sets(path: Path | str) -> list[EvalSet]:
                 patterns=tuple(entry.get("patterns") or ()),
                 url=entry.get("url"),
                 sha256=entry.get("sha256"),
+                files=tuple(entry.get("files") or ()),
+                columns=tuple(entry.get("columns") or ()),
             )
         )
     if problems:
@@ -114,6 +133,24 @@ def _entry_errors(entry: Any) -> list[str]:
     sha = entry.get("sha256")
     if sha is not None and (url is None or not SHA256_PATTERN.fullmatch(str(sha))):
         errors.append("'sha256' (64 hex digits) applies to url entries only")
+    files = entry.get("files")
+    if files is not None and (
+        url is None
+        or sha is not None
+        or FILE_PLACEHOLDER not in str(url)
+        or not isinstance(files, list)
+        or not files
+        or not all(isinstance(f, str) and ID_PATTERN.fullmatch(f) for f in files)
+    ):
+        errors.append(
+            f"'files' (a list of names matching {ID_PATTERN.pattern}) needs a url holding "
+            f"{FILE_PLACEHOLDER!r} and no 'sha256'"
+        )
+    columns = entry.get("columns")
+    if columns is not None and (
+        not isinstance(columns, list) or not columns or not all(isinstance(c, str) for c in columns)
+    ):
+        errors.append("'columns' must be a non-empty list of column names")
     fields = entry.get("prompt_fields")
     if not isinstance(fields, list) or not fields or not all(isinstance(f, str) for f in fields):
         errors.append("'prompt_fields' must be a non-empty list of column names")
@@ -122,11 +159,28 @@ def _entry_errors(entry: Any) -> list[str]:
     return errors
 
 
+def read_eval_file(path: Path, columns: Sequence[str] = ()) -> pl.DataFrame:
+    """One file of an evaluation set: what :func:`read_records` reads, plus CSV. A CSV is read
+    with ``columns`` as its header when given (MMLU's files have none), every field as text."""
+    if path.name.lower().endswith(".csv"):
+        frame = pl.read_csv(
+            path, has_header=not columns, infer_schema=False, quote_char='"', encoding="utf8"
+        )
+        if columns:
+            if frame.width != len(columns):
+                raise ValueError(
+                    f"{path}: {frame.width} CSV columns, expected {len(columns)} ({list(columns)})"
+                )
+            frame.columns = list(columns)
+        return frame
+    return read_records(path)
+
+
 def eval_prompts(eval_set: EvalSet, files: Sequence[Path]) -> pl.DataFrame:
     """The set's prompt texts (one row per non-empty field value) as ``eval_set``/``prompt``."""
     parts = []
     for path in files:
-        frame = read_records(Path(path))
+        frame = read_eval_file(Path(path), eval_set.columns)
         missing = [f for f in eval_set.prompt_fields if f not in frame.columns]
         if missing:
             raise ValueError(f"eval set {eval_set.id!r}: {Path(path).name} lacks {missing}")
@@ -139,8 +193,11 @@ def eval_prompts(eval_set: EvalSet, files: Sequence[Path]) -> pl.DataFrame:
 
 # ------------------------------------------------------------------------------ n-gram index
 def word_hashes(texts: pl.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(hash of every word, row of every word, words per row)`` of ``texts``, in order."""
-    words = texts.fill_null("").str.to_lowercase().str.extract_all(r"\w+")
+    """``(hash of every word, row of every word, words per row)`` of ``texts``, in order.
+
+    A Han/Kana character is a word of its own (Chinese has no spaces): the n-gram rule then
+    reads character n-grams there, the way it reads word n-grams in English."""
+    words = texts.fill_null("").str.to_lowercase().str.extract_all(WORD_PATTERN)
     counts = words.list.len().fill_null(0).to_numpy().astype(np.int64)
     flat = words.explode().drop_nulls()
     hashes = flat.hash(seed=_HASH_SEED).to_numpy().astype(np.uint64)

@@ -58,7 +58,7 @@ from pipeline.text.sft_mix import (
 PREFERENCE_ADAPTERS = "pipeline.text.adapters.preference"
 # The SFT registry's keys without `weight`: pairs are not mixed by weight, only capped.
 PREFERENCE_KEYS = frozenset(
-    {"id", "repo", "url", "revision", "patterns", "sha256", "adapter", "cap", "licence"}
+    {"id", "repo", "url", "revision", "patterns", "sha256", "adapter", "cap", "licence", "language"}
 )
 PROMPT_ROLES = ("system", "user", "assistant")
 # What adapt_pairs returns and build_pairs takes.
@@ -137,6 +137,8 @@ class PreferenceConfig:
         """``max_tokens: null`` (or absent) means the profile's ``context_length``: a pair the
         model cannot see whole would be scored on a truncated reply."""
         section = dict(profile.get("preference") or {})
+        for data_key in ("pairs", "sources"):  # the pairs themselves (pipeline.text.profile_data)
+            section.pop(data_key, None)
         names = {f.name for f in fields(cls)} - {"seed"}
         if unknown := sorted(set(section) - names):
             raise ValueError(f"unknown key(s) {unknown} in the profile's preference section")

@@ -45,8 +45,10 @@ SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 _NOT_ADAPTERS = frozenset({"base", "registry"})
 SFT_ADAPTERS = "pipeline.text.adapters"  # the package whose modules are the SFT adapters
 _KEYS = frozenset(
-    {"id", "repo", "url", "revision", "patterns", "sha256", "adapter", "weight", "cap", "licence"}
-)
+    {"id", "repo", "url", "revision", "patterns", "sha256", "adapter", "weight", "cap", "licence",
+     "language"}
+)  # fmt: skip
+LANGUAGE_PATTERN = re.compile(r"[a-z]{2,3}")  # ISO 639 code, as the clean stage records them
 
 
 class SftConfigError(ValueError):
@@ -72,6 +74,9 @@ class SftSource:
     patterns: tuple[str, ...] = ()
     url: str | None = None
     sha256: str | None = None
+    # The language of the conversations: a profile that lists no `sources` takes those in its
+    # languages (pipeline.text.profile_languages), so an English run never mixes in Chinese.
+    language: str = "en"
 
     @property
     def non_commercial(self) -> bool:
@@ -223,6 +228,9 @@ def _parse_entry(
     licence = entry.get("licence")
     if not isinstance(licence, str) or not licence.strip():
         errors.append("'licence' is required (as stated by the dataset's authors)")
+    language = entry.get("language", "en")
+    if not isinstance(language, str) or not LANGUAGE_PATTERN.fullmatch(language):
+        errors.append(f"'language' must be an ISO 639 code like 'en' or 'zh' (got {language!r})")
     if errors:
         return None
     return SftSource(
@@ -236,6 +244,7 @@ def _parse_entry(
         patterns=tuple(patterns or ()),
         url=url,
         sha256=sha256,
+        language=language,
     )
 
 
