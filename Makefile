@@ -8,6 +8,8 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 export SCRIPTORIUM_DATA ?= $(CURDIR)/data
 export SCRIPTORIUM_PROFILE ?= demo
 export DAGSTER_HOME ?= $(CURDIR)/dagster_home
+# MLflow 3 reports usage telemetry unless told not to (Dagster's is off in dagster.yaml).
+export MLFLOW_DISABLE_TELEMETRY ?= true
 MIRROR ?=
 MIRROR_PORT ?= 8765
 DAGSTER_PORT ?= 3000
@@ -73,11 +75,13 @@ bench: setup
 	$(BIN)/python benchmarks/data_stages.py --mirror "$(BENCH_MIRROR)"
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/sft_packing.py --mirror "$(BENCH_MIRROR)"
+	$(BIN)/python benchmarks/serve.py --weights "$(SCRIPTORIUM_DATA)/rlhf_weights"
 
 bench-smoke: setup
 	$(BIN)/python benchmarks/data_stages.py --smoke --mirror "$(BENCH_MIRROR)"
 	$(BIN)/python benchmarks/train_throughput.py --smoke
 	$(BIN)/python benchmarks/sft_packing.py --smoke --mirror "$(BENCH_MIRROR)"
+	$(BIN)/python benchmarks/serve.py --smoke
 
 clean:
 	rm -rf data .pytest_cache .ruff_cache

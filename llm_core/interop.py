@@ -42,11 +42,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from llm_core.checkpoint import CONFIG_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, load_state_dict
+from llm_core.checkpoint import (
+    CONFIG_NAME,
+    PICKLE_SUFFIXES,
+    WEIGHTS_NAME,
+    load_config,
+    load_state_dict,
+)
 from llm_core.config import ModelConfig
 from llm_core.data.shards import fsync_dir
 from llm_core.hf_card import CARD_NAME, render_model_card
+from llm_core.hf_checks import check_export_target, check_hf_folder, config_dict, weight_files
 from llm_core.hf_tokenizer import tokenizer_files
+from llm_core.interop_moe import config_from_mixtral, mixtral_config, moe_param_map, unfuse_experts
 from llm_core.sft import ChatSpecials
 from llm_core.tokenizer import load_tokenizer
 
@@ -117,6 +125,8 @@ def _param_map(cfg: ModelConfig) -> ParamMap:
                 (f"{ours}mlp.down.weight", (f"{hf}mlp.down_proj.weight",), False),
             ]
         out.append(("norm.weight", ("model.norm.weight",), False))
+    if cfg.moe is not None:  # routed experts: Mixtral's names (llm_core.interop_moe)
+        out = moe_param_map(cfg, out)
     if not cfg.tie_embeddings:
         out.append(("lm_head.weight", ("lm_head.weight",), False))
     return out
@@ -158,7 +168,7 @@ def from_hf_state_dict(
     ``rotary_emb.inv_freq``) are ignored, and so is a stored ``lm_head.weight`` when the
     embeddings are tied (it is the embedding again).
     """
-    state = _strip_gpt2_prefix(hf_state) if cfg.arch == "gpt2" else dict(hf_state)
+    state = _strip_gpt2_prefix(hf_state) if cfg.arch == "gpt2" else unfuse_experts(cfg, hf_state)
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     for ours, hf_names, transpose in _param_map(cfg):
@@ -219,7 +229,7 @@ def hf_config(cfg: ModelConfig, specials: ChatSpecials) -> dict[str, Any]:
             "resid_pdrop": 0.0,
             **common,
         }
-    return {
+    llama = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": cfg.d_model,
@@ -239,6 +249,7 @@ def hf_config(cfg: ModelConfig, specials: ChatSpecials) -> dict[str, Any]:
         "pretraining_tp": 1,
         **common,
     }
+    return mixtral_config(llama, cfg) if cfg.moe is not None else llama
 
 
 def _require(hf: Mapping[str, Any], key: str, where: str) -> Any:
@@ -277,6 +288,8 @@ def config_from_hf(hf: Mapping[str, Any], *, where: str = CONFIG_NAME) -> ModelC
             tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
             arch="gpt2",
         )
+    if model_type == "mixtral":
+        return config_from_mixtral(hf, where, config_from_hf, HFImportError)
     if model_type != "llama":
         raise HFImportError(
             f"{where}: model_type={model_type!r}; llm_core imports 'llama' and 'gpt2' checkpoints"
@@ -316,12 +329,7 @@ def _hf_weight_files(hf_dir: Path) -> list[Path]:
         raise FileNotFoundError(f"{hf_dir}: not a directory")
     index = hf_dir / HF_INDEX_NAME
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [hf_dir / s for s in shards]
-        absent = [str(f) for f in files if not f.is_file()]
-        if absent:
-            raise FileNotFoundError(f"{index}: shards missing: {absent}")
-        return files
+        return weight_files(hf_dir, index)[0]
     single = hf_dir / WEIGHTS_NAME
     if single.is_file():
         return [single]
@@ -338,13 +346,21 @@ def import_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]
     """Read a Hugging Face Llama or GPT-2 folder into ``(ModelConfig, state_dict)`` (float32).
 
     Only ``config.json`` and safetensors are read; see :func:`config_from_hf` for what is refused.
+    Before any tensor is read (or a model allocated), the config's sizes and every tensor's
+    shape and dtype in the safetensors headers are checked (:mod:`llm_core.hf_checks`).
     """
     root = Path(hf_dir)
     files = _hf_weight_files(root)
     cfg_path = root / CONFIG_NAME
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path}: missing model config")
-    cfg = config_from_hf(json.loads(cfg_path.read_text()), where=str(cfg_path))
+    try:
+        cfg = config_from_hf(config_dict(cfg_path), where=str(cfg_path))
+    except HFImportError:
+        raise
+    except (ArithmeticError, TypeError, ValueError) as exc:  # n_head=0, "64" * 2, ...
+        raise HFImportError(f"{cfg_path}: invalid model config ({exc})") from None
+    check_hf_folder(cfg, files, _param_map(cfg), _qkv_rows(cfg), where=str(cfg_path))
     hf_state: dict[str, torch.Tensor] = {}
     for f in files:
         with safe_open(str(f), framework="pt") as fh:
@@ -378,16 +394,18 @@ def export_hf(
     tokenizer as a Hugging Face model folder at ``out_dir``; returns ``out_dir``.
 
     The folder is built under a temporary name beside ``out_dir`` and swapped into place, so a
-    reader (or ``upload_folder``) never sees half of one. ``card`` feeds the model card
-    (:func:`llm_core.hf_card.render_model_card`).
+    reader (or ``upload_folder``) never sees half of one. ``out_dir`` must be new, empty or a
+    previous export, and apart from the weights (:func:`llm_core.hf_checks.check_export_target`).
+    ``card`` feeds the model card (:func:`llm_core.hf_card.render_model_card`).
     """
     weights_dir, out = Path(weights_dir), Path(out_dir)
     tok_file = Path(tokenizer_path)
     tok_file = tok_file / "tokenizer.json" if tok_file.is_dir() else tok_file
+    check_export_target(weights_dir, tok_file, out)  # the swap below replaces ``out``
     cfg_path = weights_dir / CONFIG_NAME
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path}: missing model config beside the weights")
-    cfg = ModelConfig.load(cfg_path)
+    cfg = load_config(weights_dir)
     state = load_state_dict(weights_dir)
     tok = load_tokenizer(tok_file)  # refuses a tokenizer without the reserved chat tokens
     specials = ChatSpecials.from_tokenizer(tok)

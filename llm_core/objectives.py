@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm_core.checkpoint import unwrap_model
+from llm_core.moe import pop_router_losses
 
 if TYPE_CHECKING:  # rl imports the trainer, which imports this module
     from llm_core.rl import GroupRollouts, Rollout
@@ -133,6 +134,23 @@ def _as_mapping(batch: Batch) -> Mapping[str, torch.Tensor]:
     return {"input_ids": x, "targets": y}
 
 
+def add_router_losses(
+    model: nn.Module, loss: torch.Tensor, metrics: Metrics
+) -> tuple[torch.Tensor, Metrics]:
+    """``loss`` plus the weighted auxiliary losses of ``model``'s MoE layers (:mod:`llm_core.moe`)
+    from the forwards just run, and their per-layer metrics; unchanged for a dense model.
+
+    ``metrics["loss"]`` stays the task loss (what val loss and bpb compare against); the total
+    that is backpropagated differs from it by ``moe_aux_loss``.
+    """
+    extra, router_metrics = pop_router_losses(model)
+    if extra is None:
+        return loss, metrics
+    metrics.update(router_metrics)
+    metrics["moe_aux_loss"] = extra.detach()
+    return loss + extra, metrics
+
+
 def _has_fused_loss(model: nn.Module) -> bool:
     """True for a bare ``Transformer``: its chunked ``loss`` never materialises [B*T, V] logits.
 
@@ -158,13 +176,13 @@ class LMObjective:
             loss = model.loss(
                 b["input_ids"], b["targets"], ignore_index=self.ignore_index, **kwargs
             )
-            return loss, {"loss": loss.detach()}
+            return add_router_losses(model, loss, {"loss": loss.detach()})
         logits = forward_logits(model, b)
         if b.get("loss_mask") is not None:
             loss = masked_lm_loss(logits, b["targets"], b["loss_mask"])
         else:
             loss = lm_loss(logits, b["targets"], self.ignore_index)
-        return loss, {"loss": loss.detach()}
+        return add_router_losses(model, loss, {"loss": loss.detach()})
 
 
 class SFTObjective:
@@ -181,7 +199,8 @@ class SFTObjective:
         logits = forward_logits(model, batch)
         mask = batch["loss_mask"]
         loss = masked_lm_loss(logits, batch["targets"], mask)
-        return loss, {"loss": loss.detach(), "supervised_frac": mask.float().mean()}
+        metrics = {"loss": loss.detach(), "supervised_frac": mask.float().mean()}
+        return add_router_losses(model, loss, metrics)
 
 
 class RewardObjective:
@@ -220,6 +239,40 @@ class RewardObjective:
             reward_accuracy=(margin > 0).float().mean() + 0.5 * (margin == 0).float().mean(),
             reward_margin=margin.mean(),
         )
+        return add_router_losses(model, loss, metrics)
+
+
+class ClassifyObjective:
+    """Cross-entropy of every task's head on its own rows of a :class:`~llm_core.classify.
+    TaskSampler` batch, weighted per task (``loss = sum_t w_t * CE_t``): the multi-task "dict
+    head" trained jointly. All tasks' rows go through one backbone forward, padded to one width."""
+
+    def __init__(self, weights: Mapping[str, float]) -> None:
+        bad = {k: w for k, w in weights.items() if w < 0}
+        if bad or not weights:
+            raise ValueError(f"task loss weights must be >= 0 and non-empty, got {dict(weights)}")
+        self.weights = dict(weights)
+
+    def __call__(
+        self, model: nn.Module, batch: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, Metrics]:
+        names = list(self.weights)
+        ids = [batch[f"{t}_ids"] for t in names]
+        width = max(int(x.size(1)) for x in ids)
+        padded = torch.cat([F.pad(x, (0, width - x.size(1))) for x in ids])  # pads are never read
+        lengths = torch.cat([batch[f"{t}_lengths"] for t in names])
+        # One forward (through the DDP wrapper, so gradients sync) for every task's rows.
+        rows = [(t, int(x.size(0))) for t, x in zip(names, ids, strict=True)]
+        all_logits = model(padded, lengths, rows)
+        loss = torch.zeros((), dtype=torch.float32, device=padded.device)
+        metrics: Metrics = {}
+        for t, logits in zip(names, all_logits, strict=True):
+            labels = batch[f"{t}_labels"]
+            ce = F.cross_entropy(logits.float(), labels)
+            loss = loss + self.weights[t] * ce
+            metrics[f"{t}_loss"] = ce.detach()
+            metrics[f"{t}_accuracy"] = (logits.argmax(-1) == labels).float().mean().detach()
+        metrics["loss"] = loss.detach()
         return loss, metrics
 
 
@@ -252,15 +305,19 @@ class DPOObjective:
                 rc = self._logps(self.reference, batch, "chosen")
                 rr = self._logps(self.reference, batch, "rejected")
         loss, cr, rjr = dpo_loss(pc, pr, rc, rr, self.beta)
-        return loss, {
-            "loss": loss.detach(),
-            "reward_margin": (cr - rjr).mean(),
-            "reward_accuracy": (cr > rjr).float().mean(),
-            "rewards_chosen": cr.mean(),
-            "rewards_rejected": rjr.mean(),
-            "logps_chosen": pc.detach().mean(),
-            "logps_rejected": pr.detach().mean(),
-        }
+        return add_router_losses(
+            model,
+            loss,
+            {
+                "loss": loss.detach(),
+                "reward_margin": (cr - rjr).mean(),
+                "reward_accuracy": (cr > rjr).float().mean(),
+                "rewards_chosen": cr.mean(),
+                "rewards_rejected": rjr.mean(),
+                "logps_chosen": pc.detach().mean(),
+                "logps_rejected": pr.detach().mean(),
+            },
+        )
 
 
 class GRPOObjective:

@@ -7,12 +7,19 @@ two trackers (or a test and the code under test) never write into each other's r
 
 MLflow is imported lazily: ``import llm_core.trainer`` must stay cheap for ``torchrun`` workers
 that never log anything.
+
+MLflow 3 reports usage telemetry (and writes ``~/.config/mlflow/telemetry.json``) unless told
+not to; this module turns it off by default (``MLFLOW_DISABLE_TELEMETRY=true`` unless the
+environment already says otherwise), as ``dagster.yaml`` does for Dagster. Parameters pass
+through :func:`strip_url_credentials`, so a ``user:key@`` URL never lands in the tracking store.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
+import re
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -54,8 +61,23 @@ TRACKED_METRICS = (
     "win_rate",
     "policy_reward",
     "sft_reward",
+    # classification (llm_core.stages.classify): per task, in training and on validation
+    "spam_loss",
+    "spam_accuracy",
+    "language_loss",
+    "language_accuracy",
+    "val_spam_accuracy",
+    "val_spam_balanced_accuracy",
+    "val_language_accuracy",
+    "val_language_balanced_accuracy",
 )
+# Families of metrics tracked whatever their suffix: MoE router losses and expert loads per layer
+# (``moe_aux_l0``, ``moe_load_max_l0`` …: llm_core.moe.pop_router_losses).
+TRACKED_PREFIXES = ("moe_",)
 _MAX_PARAM_LEN = 6000  # MLflow's limit on a parameter value
+TELEMETRY_ENV = "MLFLOW_DISABLE_TELEMETRY"  # read by mlflow.telemetry when it would report
+os.environ.setdefault(TELEMETRY_ENV, "true")  # opt in with MLFLOW_DISABLE_TELEMETRY=false
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
 _BATCH = 100  # MLflow's limit on params per log_batch call
 
 
@@ -64,6 +86,11 @@ def default_tracking_uri(root: str | Path) -> str:
     base = Path(root).resolve()
     base.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{base / 'mlflow.db'}"
+
+
+def strip_url_credentials(text: str) -> str:
+    """``scheme://user:secret@host`` -> ``scheme://***@host`` wherever a URL appears in ``text``."""
+    return _URL_CREDENTIALS.sub(r"\g<scheme>***@", text)
 
 
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -75,7 +102,7 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str
         if isinstance(value, Mapping):
             flat.update(flatten_params(value, name))
         else:
-            flat[name] = str(value)[:_MAX_PARAM_LEN]
+            flat[name] = strip_url_credentials(str(value))[:_MAX_PARAM_LEN]
     return flat
 
 
@@ -275,7 +302,11 @@ class MlflowCallback:
         self.keys = set(keys) if keys is not None else None
 
     def _filter(self, metrics: Mapping[str, float]) -> dict[str, float]:
-        return {k: v for k, v in metrics.items() if self.keys is None or k in self.keys}
+        return {
+            k: v
+            for k, v in metrics.items()
+            if self.keys is None or k in self.keys or k.startswith(TRACKED_PREFIXES)
+        }
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
         self.tracker.log_metrics(self._filter(metrics), step, self.run_id)

@@ -34,6 +34,7 @@ from llm_core.checkpoint import (
     capture_rng_state,
     latest_checkpoint,
     load_checkpoint,
+    remove_stale_temps,
     restore_rng_state,
     save_checkpoint,
     unwrap_model,
@@ -318,6 +319,8 @@ class Trainer:
     def _resume(self) -> int | None:
         if self.ckpt_dir is None:
             raise ValueError("resume=True needs out_dir")
+        if self.dist.is_main:  # the saving rank: leftovers of a killed save go now
+            remove_stale_temps(self.ckpt_dir)
         path = latest_checkpoint(self.ckpt_dir)
         if path is None:
             log.info("no checkpoint under %s; starting fresh", self.ckpt_dir)

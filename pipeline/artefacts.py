@@ -28,6 +28,8 @@ STAGE_ASSETS = {
     "dpo": "rlhf_weights",
     "grpo": "rlhf_weights",
     "best_of_n": "rlhf_weights",
+    "classify": "spam_classifier",
+    "classify_multi": "text_classifier",
 }
 
 
@@ -136,6 +138,17 @@ class Artefacts:
                 "init_weights": init,
                 "tokenizer": init / TOKENIZER if init_weights else self.existing(self.tokenizer),
             }
+        if stage in ("classify", "classify_multi"):
+            init = init_weights or self.existing(self.weights("pretrained_weights")).parent
+            inputs = {
+                "spam_data": self.existing(self.dir("sms_spam") / "labels.json").parent,
+                "init_weights": init,
+                "tokenizer": self.tokenizer_beside(init),
+            }
+            if stage == "classify_multi":
+                labels = self.dir("language_paragraphs") / "labels.json"
+                inputs["language_data"] = self.existing(labels).parent
+            return inputs
         inputs = {
             "train_path": self.existing(self.pairs_split("train")),
             "val_path": self.existing(self.pairs_split("val")),

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import tempfile
 from collections.abc import Iterable
@@ -30,7 +29,7 @@ from pipeline.io import version_hash
 from pipeline.resources import GutenbergSource, Paths, Profile
 from pipeline.sources import gutenberg as pg
 from pipeline.sources.http import PoliteClient
-from pipeline.sources.hub import HF_TOKEN_ENV, hub_endpoint
+from pipeline.sources.hub import hub_endpoint, hub_token
 from pipeline.text.adapters.registry import SftSource, load_sft_sources
 
 log = logging.getLogger(__name__)
@@ -206,7 +205,8 @@ def source_revision(source: SftSource) -> str:
     if not _COMMIT_SHA.fullmatch(revision):
         from huggingface_hub import HfApi  # heavy: imported only when a branch must be resolved
 
-        api = HfApi(endpoint=hub_endpoint(), token=os.environ.get(HF_TOKEN_ENV) or False)
+        endpoint = hub_endpoint()  # the token only where hub_token allows it (https, not loopback)
+        api = HfApi(endpoint=endpoint, token=hub_token(endpoint))
         revision = api.dataset_info(source.repo, revision=revision).sha or revision
     return version_hash(source.repo, revision, list(source.patterns))
 

@@ -97,7 +97,9 @@ def run_training(extras: dict[str, Any], pipes: Any | None) -> None:
 def run_evaluation(extras: dict[str, Any], pipes: Any) -> dict[str, Any]:
     """Evaluate, track and report; returns the final report (as written to report.json)."""
     from llm_core.tracking import MlflowTracker
-    from pipeline.eval.history import loss_curves, previous_evaluation
+    from pipeline.eval.epochs import add_epochs
+    from pipeline.eval.history import evaluation_history, loss_curves, previous_evaluation
+    from pipeline.eval.questions import add_questions, append_questions
     from pipeline.eval.report import render_markdown
     from pipeline.eval.run import EvalSettings, HttpJudgeConfig, evaluate, finalize, write_report
 
@@ -109,6 +111,7 @@ def run_evaluation(extras: dict[str, Any], pipes: Any) -> dict[str, Any]:
     tracker = MlflowTracker(tracking.uri, tracking.experiment)
     previous = previous_evaluation(tracker.client, tracker.experiment_id)
     curves = loss_curves(tracker.client)
+    history = evaluation_history(tracker.client, tracker.experiment_id, settings.trend_runs)
     t0 = time.perf_counter()
     with tracker.start_run(tracking.run_name, tracking.tags) as run:
         run_id, exp_id = run.info.run_id, run.info.experiment_id
@@ -116,14 +119,19 @@ def run_evaluation(extras: dict[str, Any], pipes: Any) -> dict[str, Any]:
             {
                 "profile": profile.get("name"),
                 "evaluation": settings.to_dict(),
-                "judge": judge.url if judge else "reward_model only",
+                "judge": judge.public_url if judge else "reward_model only",
             }
         )
         report, rejects = evaluate(
             cfg["data_root"], profile, judge_config=judge, device=cfg["device"], log=pipes.log.info
         )
-        report = finalize(report, previous=previous, loss_curves=curves, mlflow_run_id=run_id)
+        report = add_questions(report, cfg["data_root"], profile, device=cfg["device"])
+        report = add_epochs(report, cfg["data_root"], profile, device=cfg["device"])
+        report = finalize(
+            report, previous=previous, loss_curves=curves, mlflow_run_id=run_id, history=history
+        )
         files = write_report(report, rejects, out)
+        append_questions(report, files)
         tracker.log_metrics(report["headline"], step=0)
         for path in files.values():
             tracker.log_artifact(path, "report")

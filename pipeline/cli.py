@@ -16,7 +16,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from pipeline import run_view
+from pipeline import classify_cli, publish, run_view
+from pipeline.serve import cli as serve_cli
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -37,8 +38,15 @@ def _cmd_mirror_serve(args: argparse.Namespace) -> int:
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
+    routes = []
+    if args.writable:  # the Hub write API (scriptorium push against the mirror), opt-in
+        from pipeline.sources.hub_write import hub_write_routes
+
+        for kind in ("datasets", "models"):
+            (root / "hf" / kind).mkdir(parents=True, exist_ok=True)
+        routes = hub_write_routes(root)
     try:
-        server = MirrorServer(root, host=args.host, port=args.port)
+        server = MirrorServer(root, host=args.host, port=args.port, routes=routes)
     except OSError as exc:  # port in use, bad host: a message, not a traceback
         print(
             f"scriptorium mirror serve: cannot listen on {args.host}:{args.port}: {exc}",
@@ -79,6 +87,9 @@ def _add_mirror(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     serve.add_argument("dir", metavar="DIR", help="mirror root, e.g. ../shared/mirror")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=DEFAULT_MIRROR_PORT, help="0 picks a free port")
+    serve.add_argument(
+        "--writable", action="store_true", help="accept Hub uploads into DIR/hf (for push tests)"
+    )
     serve.set_defaults(func=_cmd_mirror_serve)
 
     wait = actions.add_parser("wait", help="block until the mirror answers")
@@ -310,25 +321,19 @@ def _cmd_import(args: argparse.Namespace) -> int:
     A ``tokenizer.json`` in the folder comes along, given the chat tokens it lacks (the model's
     embedding grows to match), so ``scriptorium chat`` and SFT can use the result directly.
     """
-    from tokenizers import Tokenizer
+    from safetensors import SafetensorError
 
-    from llm_core.checkpoint import save_weights
-    from llm_core.hf_tokenizer import add_chat_tokens
-    from llm_core.interop import load_hf_model
-    from pipeline.io import atomic_write_text
+    from pipeline.hub_import_cli import hub_import_cli
+    from pipeline.sources.hub_models import convert_hf_folder
 
+    if args.hub:  # org/name[@rev] through huggingface_hub (pipeline.sources.hub_models)
+        return hub_import_cli(args)
     src, out = Path(args.hf), Path(args.out)
-    try:
-        model = load_hf_model(src)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"scriptorium import: {exc}", file=sys.stderr)
+    try:  # every refusal is one line naming the file, exit status 2, no traceback
+        model = convert_hf_folder(src, out)
+    except (OSError, ValueError, SafetensorError) as exc:
+        print(f"scriptorium: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
-    tok = None
-    if (src / "tokenizer.json").is_file():
-        tok, model = add_chat_tokens(Tokenizer.from_file(str(src / "tokenizer.json")), model)
-    save_weights(model, out)
-    if tok is not None:
-        atomic_write_text(out / "tokenizer.json", tok.to_str(pretty=True))
     cfg = model.config
     print(f"imported {src} ({cfg.arch}, {model.num_params() / 1e6:.2f}M parameters) to {out}")
     return 0
@@ -336,7 +341,12 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 def _add_import(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     imp = subparsers.add_parser("import", help="convert a Hugging Face Llama/GPT-2 folder")
-    imp.add_argument("--hf", required=True, help="folder with config.json + *.safetensors")
+    src = imp.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hf", help="folder with config.json + *.safetensors")
+    src.add_argument("--hub", help="Hub model org/name[@revision] ($HF_ENDPOINT, $HF_TOKEN)")
+    imp.add_argument(
+        "--cache-dir", default=None, help="huggingface_hub cache (default: data/hf_cache)"
+    )
     imp.add_argument("--out", required=True, help="llm_core weights folder to write")
     imp.set_defaults(func=_cmd_import)
 
@@ -354,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_import(subparsers)
     _add_train(subparsers)
     run_view.add_parser(subparsers)
+    serve_cli.add_serve(subparsers)
+    publish.add_push(subparsers)
+    classify_cli.add_classify(subparsers)
     return parser
 
 

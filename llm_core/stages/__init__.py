@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-STAGES = ("pretrain", "sft", "reward", "dpo", "grpo", "best_of_n")
+STAGES = ("pretrain", "sft", "reward", "dpo", "grpo", "best_of_n", "classify", "classify_multi")
 
 
 def stage_module(name: str) -> ModuleType:

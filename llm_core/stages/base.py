@@ -27,10 +27,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from llm_core.config import ModelConfig, TrainConfig, load_profile
-from llm_core.trainer import TrainResult
+
+if TYPE_CHECKING:  # torch loads only where a stage runs, not in every Dagster step process
+    from llm_core.trainer import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +114,11 @@ class StageConfig:
     ) -> Self:
         """The stage's typed config from its profile section; unknown keys are an error that names
         the section, so a typo never silently falls back to a default."""
+        if cls.SECTION not in profile:  # e.g. the sft section of a pretraining-only profile
+            raise ValueError(
+                f"profile {profile.get('name')!r} has no {cls.SECTION!r} section: this stage is "
+                "not part of it"
+            )
         raw = dict(profile.get(cls.SECTION) or {})
         keys = {k: v for k, v in raw.items() if not isinstance(v, dict)}
         if cls.METHOD is not None:
@@ -209,6 +216,10 @@ class StageResult:
     figures: dict[str, Any] = field(default_factory=dict)
     samples: dict[str, str] = field(default_factory=dict)
     samples_key: str = "samples"
+    # Final figures for MLflow's metrics (at the last step) and files it keeps beside the
+    # weights under ``evaluation/`` (a classifier's test metrics and confusion matrices).
+    metrics: dict[str, float] = field(default_factory=dict)
+    artifacts: list[Path] = field(default_factory=list)
 
     def headline(self) -> dict[str, Any]:
         """The figures every stage reports, then the stage's own."""
@@ -337,6 +348,9 @@ def execute(
         )
         tracker.log_artifact(out / "metrics.json")
         tracker.log_loss_curve_png(result.train.history, result.train.eval_history)
+        tracker.log_metrics(result.metrics, step=result.train.steps)
+        for path in result.artifacts:
+            tracker.log_artifact(path, "evaluation")
         version = None
         if tracking.registered_model:
             version = tracker.register_model(tracking.registered_model, run.info.run_id)

@@ -16,10 +16,12 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
+from llm_core.config import configs_dir
 from pipeline.io import atomic_write_parquet, sha256_file, version_hash
 from pipeline.resources import GutenbergSource, Paths, Profile, profile_code_version
 from pipeline.sources import gutenberg as pg
-from pipeline.sources.http import PoliteClient
+from pipeline.sources.http import DEFAULT_MAX_BYTES, PoliteClient
+from pipeline.sources.text_sources import parse_text_sources, text_source_books
 from pipeline.text.clean import clean_books
 
 GROUP = "data"
@@ -40,9 +42,12 @@ def gutenberg_catalog(
     out = paths.asset_dir("gutenberg_catalog")
     url = pg.catalog_url(gutenberg.base_url)
     rules = _rules(profile)
-    with PoliteClient(user_agent=gutenberg.user_agent) as client:
-        pg.download_catalog(gutenberg.base_url, out / "pg_catalog.csv", client)
-    full = pg.parse_catalog(out / "pg_catalog.csv")
+    if rules.max_books == 0:  # no Gutenberg books (a text_sources-only profile): no download
+        full = pg.parse_catalog(",".join(pg.CATALOG_COLUMNS).encode() + b"\n")
+    else:
+        with PoliteClient(user_agent=gutenberg.user_agent) as client:
+            pg.download_catalog(gutenberg.base_url, out / "pg_catalog.csv", client)
+        full = pg.parse_catalog(out / "pg_catalog.csv")
     selected = pg.select_books(full, rules)
     atomic_write_parquet(selected, out / "catalog.parquet")
     langs = selected.explode("languages").group_by("languages").len().sort("len", descending=True)
@@ -112,6 +117,7 @@ def download_book_batch(
         timeout_s=float(d.get("timeout_s", 60.0)),
         previous_manifest=previous,
         user_agent=gutenberg.user_agent,
+        max_bytes=int(d.get("max_book_bytes", DEFAULT_MAX_BYTES)),
     )
     key = context.get_mapping_key() or "batch_00000"
     part = parts / f"{key}.parquet"
@@ -161,16 +167,36 @@ def gutenberg_books(gutenberg_catalog):
 # --- cleaned_books -------------------------------------------------------------------------------
 
 
+def with_text_sources(
+    manifest: pl.DataFrame, catalog: pl.DataFrame, dest: Path, profile: Profile
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The Gutenberg manifest and catalog plus the profile's ``text_sources`` (fetched into
+    ``dest``), so one cleaning pass and one rejects table cover both."""
+    sources = parse_text_sources(profile.load().get("text_sources"))
+    catalog = catalog.with_columns(pl.lit("gutenberg").alias("source"))
+    if not sources:
+        return manifest, catalog
+    extra_manifest, extra_catalog = text_source_books(sources, dest, configs_dir().parent)
+    manifest = pl.concat(
+        [manifest.select(extra_manifest.columns), extra_manifest], how="vertical_relaxed"
+    )
+    catalog = pl.concat(
+        [catalog.select(extra_catalog.columns), extra_catalog], how="vertical_relaxed"
+    )
+    return manifest, catalog
+
+
 @dg.asset(
     group_name=GROUP,
-    code_version=profile_code_version(CODE_VERSION, "clean"),
+    code_version=profile_code_version(CODE_VERSION, "clean", "text_sources"),
     deps=[gutenberg_books],
     kinds={"polars"},
 )
 def cleaned_books(
     context: dg.AssetExecutionContext, paths: Paths, profile: Profile
 ) -> dg.MaterializeResult:
-    """Decoded, boilerplate-free, language-checked, deduplicated books + a rejects table."""
+    """Decoded, boilerplate-free, language-checked, deduplicated books + a rejects table: the
+    Gutenberg books and the profile's ``text_sources``, each row with its ``source``."""
     out = paths.asset_dir("cleaned_books")
     manifest = pl.read_parquet(paths.require("gutenberg_books", "manifest.parquet"))
     books_dir = paths.asset_dir("gutenberg_books") / "books"
@@ -180,6 +206,7 @@ def cleaned_books(
         .alias("path")
     )
     catalog = pl.read_parquet(paths.require("gutenberg_catalog", "catalog.parquet"))
+    manifest, catalog = with_text_sources(manifest, catalog, out / "text_sources", profile)
     c = profile.section("clean")
     t0 = time.perf_counter()
     stats = clean_books(
@@ -203,6 +230,28 @@ def cleaned_books(
             ),
             "rejected": rejects.height,
             "rejected_by_reason": dg.MetadataValue.json(by_reason),
+            "books_by_source": dg.MetadataValue.json(
+                dict(
+                    pl.scan_parquet(out / "books.parquet")
+                    .group_by("source")
+                    .len()
+                    .collect()
+                    .iter_rows()
+                )
+            ),
+            # Per language: the kept books, and every book read by its detected language
+            # (a mixed `clean.languages: [en, zh]` profile shows both here).
+            "books_by_language": dg.MetadataValue.json(
+                dict(
+                    pl.scan_parquet(out / "books.parquet")
+                    .group_by("language")
+                    .len()
+                    .sort("language")
+                    .collect()
+                    .iter_rows()
+                )
+            ),
+            "detected_languages": dg.MetadataValue.json(stats.languages),
             "seconds": round(seconds, 2),
             "books_sha256": books_sha,
             "path": dg.MetadataValue.path(str(out / "books.parquet")),

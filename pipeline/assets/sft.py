@@ -27,6 +27,7 @@ import numpy as np
 import polars as pl
 
 from llm_core.config import configs_dir
+from pipeline.assets import imported
 from pipeline.io import (
     atomic_write_bytes,
     atomic_write_json,
@@ -46,8 +47,22 @@ from pipeline.resources import (
 )
 from pipeline.sources.hub import FILES_MIRROR_ENV, download_dataset_files, download_url
 from pipeline.text.adapters import ROWS_SCHEMA, SftSource, adapt_source, load_sft_sources
-from pipeline.text.decontam import EvalSet, NgramIndex, eval_prompts, load_eval_sets
+from pipeline.text.decontam import (
+    PROMPTS_SCHEMA,
+    EvalSet,
+    NgramIndex,
+    eval_prompts,
+    load_eval_sets,
+)
+from pipeline.text.profile_data import (
+    INLINE,
+    enabled,
+    load_time_profile,
+    sft_examples,
+    split_section,
+)
 from pipeline.text.sft_mix import MixConfig, build_mixture, check_consistent
+from pipeline.text.source_languages import selected_source_ids
 
 GROUP = "sft"
 CODE_VERSION = "1"
@@ -91,16 +106,20 @@ def fetch_files(entry: SftSource | EvalSet, dest: Path, hub: HubSource, paths: P
         )
     assert entry.url is not None
     env_mirror = os.environ.get(FILES_MIRROR_ENV, "")
-    url = entry.url
-    if hub.files_mirror and hub.files_mirror.rstrip("/") != env_mirror.rstrip("/"):
-        if env_mirror:
-            raise ValueError(
-                f"HubSource.files_mirror={hub.files_mirror!r} conflicts with "
-                f"${FILES_MIRROR_ENV}={env_mirror!r}; unset one of them"
-            )
-        url = _mirrored(url, hub.files_mirror)
-    name = Path(urlsplit(entry.url).path).name
-    return [download_url(url, dest / "files" / name, sha256=entry.sha256)]
+    rewrite = bool(hub.files_mirror) and hub.files_mirror.rstrip("/") != env_mirror.rstrip("/")
+    if rewrite and env_mirror:
+        raise ValueError(
+            f"HubSource.files_mirror={hub.files_mirror!r} conflicts with "
+            f"${FILES_MIRROR_ENV}={env_mirror!r}; unset one of them"
+        )
+    # An eval set may name several files under one URL template (EvalSet.files).
+    urls = entry.urls() if isinstance(entry, EvalSet) else [entry.url]
+    out = []
+    for real in urls:
+        url = _mirrored(real, hub.files_mirror) if rewrite else real
+        name = Path(urlsplit(real).path).name
+        out.append(download_url(url, dest / "files" / name, sha256=entry.sha256))
+    return sorted(out)
 
 
 def source_origin(entry: SftSource | EvalSet, hub: HubSource) -> str:
@@ -231,8 +250,12 @@ def sft_sources_asset(sources: Sequence[SftSource]) -> dg.AssetsDefinition:
     return _sources
 
 
-SFT_SOURCES = load_sft_sources(sources_config())
-sft_sources = sft_sources_asset(SFT_SOURCES)
+# Only the sources the profile trains on (``sft.sources``; see pipeline.text.profile_data).
+_ALL_SOURCES = load_sft_sources(sources_config())
+SFT_SOURCES = enabled(  # the profile's list, else its languages' sources (source_languages)
+    _ALL_SOURCES, selected_source_ids(_ALL_SOURCES, load_time_profile(), "sft"), "sft.sources"
+)
+sft_sources = sft_sources_asset(SFT_SOURCES) if SFT_SOURCES else None
 SOURCE_KEYS = [source_key(s) for s in SFT_SOURCES]
 
 
@@ -256,7 +279,7 @@ def keep_local_copies(files: Sequence[Path], dest: Path) -> list[Path]:
 
 @dg.asset(group_name=GROUP, code_version=CODE_VERSION, kinds={"huggingface", "polars"})
 def eval_sets(
-    context: dg.AssetExecutionContext, paths: Paths, hub: HubSource
+    context: dg.AssetExecutionContext, paths: Paths, hub: HubSource, profile: Profile
 ) -> dg.MaterializeResult:
     """Prompts of the evaluation sets (``prompts.parquet``): what the SFT mix must not contain.
 
@@ -264,8 +287,9 @@ def eval_sets(
     cache, by their repo path): ``evaluation_report`` scores the models on them.
     """
     out, prompts_path = paths.asset_dir("eval_sets"), paths.artefacts().eval_prompts
-    parts, files_by_set = [], {}
-    for entry in load_eval_sets(eval_sets_config()):
+    parts, files_by_set = [PROMPTS_SCHEMA.to_frame()], {}
+    sets = enabled(load_eval_sets(eval_sets_config()), profile.load().get("eval_sets"), "eval_sets")
+    for entry in sets:
         files = fetch_files(entry, out / entry.id, hub, paths)
         names = [source_display_name(f) for f in files]
         if entry.repo is not None:
@@ -326,11 +350,18 @@ def sft_mixture(
 ) -> dg.MaterializeResult:
     """The SFT training mix: filtered, deduplicated, decontaminated, capped, weighted, split."""
     p = profile.load()
-    cfg = MixConfig.from_profile(p.get("sft") or {}, int(p.get("seed", 1337)))
+    section, _ = split_section(p.get("sft") or {})
+    cfg = MixConfig.from_profile(section, int(p.get("seed", 1337)))
     files = paths.artefacts()
+    inline = sft_examples(p.get("sft") or {})
     rows = pl.concat(
-        pl.read_parquet(paths.require(f"{SOURCES_PREFIX}/{s.id}", "rows.parquet"))
-        for s in SFT_SOURCES
+        [
+            *(
+                pl.read_parquet(paths.require(f"{SOURCES_PREFIX}/{s.id}", "rows.parquet"))
+                for s in SFT_SOURCES
+            ),
+            inline,
+        ]
     )
     prompts = pl.read_parquet(files.existing(files.eval_prompts))
     index = NgramIndex.build(
@@ -340,7 +371,8 @@ def sft_mixture(
         min_words=cfg.decontam_min_words,
     )
     count = token_counter(files.existing(files.tokenizer))
-    result = build_mixture(rows, SFT_SOURCES, count, index, cfg)
+    inline_source = [INLINE] if inline.height else []  # the profile's own examples, if any
+    result = build_mixture(rows, [*SFT_SOURCES, *inline_source], count, index, cfg)
     if problems := check_consistent(result.stats):
         raise RuntimeError(f"SFT mixture accounting is off: {problems}")
     if result.train.height == 0:
@@ -413,7 +445,12 @@ def chat_tokenizer(paths: Paths) -> Path:
 @dg.asset(
     group_name="training",
     code_version=profile_code_version(CODE_VERSION, "sft_train", "seed"),
-    deps=[sft_mixture, dg.AssetKey("pretrained_weights"), dg.AssetKey("bpe_tokenizer")],
+    deps=[
+        sft_mixture,
+        dg.AssetKey("pretrained_weights"),
+        dg.AssetKey("bpe_tokenizer"),
+        *imported.sft_deps(load_time_profile()),  # profile `imported_weights.start_sft`
+    ],
     pool="train",
     kinds={"pytorch", "mlflow"},
 )
@@ -430,6 +467,8 @@ def sft_weights(
     fine-tuned on ``sft_mixture`` (assistant-only loss)."""
     files = paths.artefacts()
     train, val = files.existing(files.sft_split("train")), files.existing(files.sft_split("val"))
+    if not config.init_weights and (start := imported.sft_start(profile.load(), paths)):
+        config = config.model_copy(update={"init_weights": str(start)})
     pretrained, tokenizer = init_weights_dir(config, paths)
     yield from launch_training(
         context,

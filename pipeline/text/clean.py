@@ -61,9 +61,13 @@ BOOKS_SCHEMA = pa.schema(
         ("text", pa.string()),
         ("n_chars", pa.int64()),
         ("sha256", pa.string()),
+        # Where the text came from: "gutenberg" or a profile ``text_sources`` id; the catalog's
+        # ``source`` column, else "gutenberg".
+        ("source", pa.string()),
     ]
 )
 REJECTS_SCHEMA = {"id": pl.Int64, "reason": pl.String, "detail": pl.String}
+DEFAULT_SOURCE = "gutenberg"
 # Candidates (temp file): uncompressed, a few books per row group, so re-reading one book to
 # verify a near-duplicate pair is cheap. books.parquet: zstd, row groups of up to 64 MB.
 CANDIDATE_GROUP_BOOKS = 4
@@ -243,7 +247,7 @@ class _CandidateWriter:
         assert o.text is not None
         self.location[book_id] = (self.groups, len(self._rows))
         row = (book_id, meta.get("title"), meta.get("authors"), o.language, o.text)
-        self._rows.append((*row, o.n_chars, o.sha256))
+        self._rows.append((*row, o.n_chars, o.sha256, meta.get("source") or DEFAULT_SOURCE))
         self._bytes += len(o.text)
         if len(self._rows) >= CANDIDATE_GROUP_BOOKS or self._bytes >= CANDIDATE_GROUP_BYTES:
             self.flush()
@@ -329,7 +333,7 @@ def _tasks(
     manifest: pl.DataFrame, catalog: pl.DataFrame, rejects: list[dict[str, Any]]
 ) -> Iterator[tuple[BookTask, dict[str, Any]]]:
     """Manifest rows joined with catalog metadata, by id; not-ok rows go straight to rejects."""
-    meta_cols = [c for c in ("title", "authors", "languages") if c in catalog.columns]
+    meta_cols = [c for c in ("title", "authors", "languages", "source") if c in catalog.columns]
     joined = manifest.join(
         catalog.select("id", *meta_cols).unique("id", keep="first"), on="id", how="left"
     ).sort("id")
@@ -345,7 +349,19 @@ def _tasks(
             langs = [c.strip() for c in langs.split(";") if c.strip()]
         langs = tuple(langs)
         meta = {"title": row.get("title"), "authors": row.get("authors")}
+        meta["source"] = row.get("source") or DEFAULT_SOURCE
         yield BookTask(int(row["id"]), str(row["path"]), langs), meta
+
+
+def _with_source(rejects: pl.DataFrame, catalog: pl.DataFrame) -> pl.DataFrame:
+    """``rejects`` plus a ``source`` column (from the catalog, by id), so a dropped text source is
+    told apart from a dropped book in the one rejects table."""
+    if "source" in catalog.columns:
+        sources = catalog.select("id", "source").unique("id", keep="first")
+        rejects = rejects.join(sources, on="id", how="left")
+    else:
+        rejects = rejects.with_columns(pl.lit(None, dtype=pl.String).alias("source"))
+    return rejects.with_columns(pl.col("source").fill_null(DEFAULT_SOURCE))
 
 
 class _FirstPass:
@@ -442,7 +458,9 @@ def clean_books(
 
         _copy_without(candidates, temps[1], dropped)
         os.replace(temps[1], books_path)
-        pl.DataFrame(rejects, schema=REJECTS_SCHEMA).sort("id").write_parquet(temps[2])
+        _with_source(pl.DataFrame(rejects, schema=REJECTS_SCHEMA), catalog).sort(
+            "id"
+        ).write_parquet(temps[2])
         os.replace(temps[2], rejects_path)
     finally:
         for p in temps:

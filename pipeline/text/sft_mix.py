@@ -68,6 +68,8 @@ class MixConfig:
     @classmethod
     def from_profile(cls, section: Mapping[str, Any], seed: int) -> MixConfig:
         names = {f.name for f in fields(cls)} - {"seed"}
+        # the mix's data, not its settings (pipeline.text.profile_data)
+        section = {k: v for k, v in section.items() if k not in ("examples", "sources")}
         if unknown := sorted(set(section) - names):
             raise ValueError(f"unknown key(s) {unknown} in the profile's sft section")
         return cls(**{**section, "seed": int(section.get("seed", seed))})

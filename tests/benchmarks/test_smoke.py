@@ -159,3 +159,24 @@ def test_stage_ab_smoke(tmp_path: Path) -> None:
     )  # fmt: skip
     check_ratio(res["after_vs_before"], has_target=True)
     assert len(res["tokens_per_s"]["after"]) == res["after_vs_before"]["rounds"]
+
+
+def test_integrity_smoke() -> None:
+    res = run_smoke("integrity.py")
+    assert res["step_s"] > 0 and res["checkpoint_saves"] >= 1
+    for key in ("open_verify_ms", "batch_check_us", "checkpoint_hash_ms", "checkpoint_verify_ms"):
+        assert res[key]["rounds"] >= 2 and res[key]["median"] >= 0, key
+    assert res["run_share_pct"]["verdict"] in VERDICTS and res["run_share_pct"]["target"] == 1.0
+    assert res["checks_s_per_run"] > 0
+
+
+def test_serve_smoke() -> None:
+    """A real ``scriptorium serve`` on a random tiny model, one client against four."""
+    res = run_smoke("serve.py")
+    check_ratio(res["aggregate_speedup"], has_target=True)
+    assert res["ttft_s_one_client"]["target"] == 0.5
+    assert res["prompt_tokens"] >= 90
+    assert all(n > 0 for n in res["tokens_per_request"]["one"])
+    assert all(len(r) == res["clients"] for r in res["tokens_per_request"]["four"])
+    assert res["server"]["max_batch_seen"] >= 2  # the four requests shared decoding steps
+    assert res["server"]["running"] == 0

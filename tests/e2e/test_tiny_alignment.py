@@ -134,6 +134,12 @@ def test_evaluation_report(graph_run) -> None:
     )
     meta = latest_metadata(graph_run, dg.AssetKey("evaluation_report"))
     assert meta["base_bpb"] == pytest.approx(base["heldout"]["bpb"])
+    # MMLU (one question per subject, 0 and 2 shots) and HumanEval (sandboxed, 2 samples each)
+    assert base["mmlu_0shot"]["subjects"] == 56 and base["mmlu_kshot"]["shots"] == 2
+    he = report["stages"]["rlhf"]["humaneval"]
+    assert he["n"] == 3 and sum(he["outcomes"].values()) == 6 and "pass@2" in he
+    assert meta["rlhf_humaneval_pass_at_1"] == he["pass@1"]
+    assert "### Scorecard" in (data / "evaluation_report" / "report.md").read_text()
     names = ("numbers_finite", "sft_val_loss_below_base", "rlhf_win_rate_over_sft", "no_regression")
     assert_checks_passed(graph_run, *(f"evaluation_report:{name}" for name in names))
     assert {c["name"] for c in report["checks"]} == set(names)

@@ -34,6 +34,8 @@ def test_stage_inputs_name_the_missing_asset_then_fit_each_stage_config(tmp_path
         ("preference_pairs", "val.parquet"),
         ("sft_weights", "model.safetensors"),
         ("reward_model", "model.safetensors"),
+        ("sms_spam", "labels.json"),
+        ("language_paragraphs", "labels.json"),
     ]:
         _touch(tmp_path / key / name)
     assert art.chat_tokenizer() == tmp_path / "bpe_tokenizer" / "tokenizer.json"

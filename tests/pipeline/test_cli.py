@@ -95,5 +95,5 @@ def test_import_refuses_a_pickled_checkpoint(tmp_path) -> None:
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2
-    assert "scriptorium import:" in proc.stderr and "pytorch_model.bin" in proc.stderr
+    assert "scriptorium: error:" in proc.stderr and "pytorch_model.bin" in proc.stderr
     assert "refusing to load pickled weights" in proc.stderr and not (tmp_path / "out").exists()

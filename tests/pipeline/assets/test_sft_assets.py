@@ -205,16 +205,29 @@ def test_decontamination_rule() -> None:
 
 def test_eval_sets_registry(tmp_path: Path) -> None:
     sets = load_eval_sets(REPO / "configs" / "eval_sets.yaml")
-    assert [s.id for s in sets] == ["gsm8k_test", "alpaca_eval", "humaneval", "lambada", "blimp"]
+    assert [s.id for s in sets] == [
+        "gsm8k_test",
+        "alpaca_eval",
+        "humaneval",
+        "lambada",
+        "blimp",
+        "mmlu",
+    ]
     assert sets[3].url and sets[3].sha256 and sets[0].patterns == ("main/test-*.parquet",)
+    # MMLU: one url template, one CSV per subject, headerless
+    urls = sets[5].urls()
+    assert len(urls) == 56 and urls[0].endswith("/MMLU-data/test/abstract_algebra_test.csv")
+    assert sets[5].columns == ("question", "A", "B", "C", "D", "answer")
     bad = tmp_path / "bad.yaml"
     bad.write_text(
         "eval_sets:\n"
         "  - {id: ok, repo: a/b, revision: main, patterns: ['*'], prompt_fields: [q], licence: MIT}\n"
         "  - {id: Bad, url: 'https://x.org/f', prompt_fields: [], licence: MIT, extra: 1}\n"
+        "  - {id: many, url: 'https://x.org/f.csv', files: [a], prompt_fields: [q], licence: MIT}\n"
     )
     with pytest.raises(EvalSetConfigError) as info:
         load_eval_sets(bad)
     message = str(info.value)
     assert "eval set #2 ('Bad')" in message and "unknown key(s) ['extra']" in message
     assert "'prompt_fields'" in message and "eval set #1" not in message
+    assert "eval set #3 ('many'): 'files'" in message  # no {file} in its url

@@ -34,6 +34,7 @@ DEFAULT_IDS = [
     "alpaca_cot_strategyqa",
     "gsm_hard",
     "rasbt_instructions",
+    "alpaca_zh_demo",
 ]
 # id -> (rows, rejects, start of the first user message, start of the first reply)
 EXPECTED = {
@@ -48,6 +49,7 @@ EXPECTED = {
     "alpaca_cot_strategyqa": (2061, 0, "Answer the following question", "Julius Caesar"),
     "gsm_hard": (1319, 0, "Janet’s ducks lay 16 eggs", "```python\ndef solution():"),
     "rasbt_instructions": (1100, 0, "Evaluate the following phrase", "The spelling"),
+    "alpaca_zh_demo": (1000, 0, "识别并解释给定列表中的两个科学理论", "细胞理论是生物科学"),
     "longform": (17, 0, "What are the positions held by Beto", "The liberal mainstream"),
 }
 
@@ -75,7 +77,7 @@ def mirror_files(mirror_dir: Path, source: SftSource) -> list[Path]:
     return sorted({p for pattern in source.patterns for p in base.glob(pattern)})
 
 
-def test_default_config_has_the_eleven_sources() -> None:
+def test_default_config_has_the_twelve_sources() -> None:
     loaded = load_sft_sources(CONFIG)
     assert [s.id for s in loaded] == DEFAULT_IDS
     by_id = {s.id: s for s in loaded}
@@ -83,6 +85,8 @@ def test_default_config_has_the_eleven_sources() -> None:
     assert by_id["rasbt_instructions"].url and by_id["rasbt_instructions"].repo is None
     assert {s.id for s in loaded if s.non_commercial} == {"alpaca", "code_alpaca"}
     assert all(s.licence and s.weight > 0 for s in loaded)
+    assert {s.id for s in loaded if s.language != "en"} == {"alpaca_zh_demo"}
+    assert by_id["alpaca_zh_demo"].language == "zh" and by_id["alpaca_zh_demo"].sha256
 
 
 @pytest.mark.mirror

@@ -109,8 +109,18 @@ def test_every_reason_and_the_outputs(corpus, tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["books.parquet", "rejects.parquet"]
     books = pl.read_parquet(out / "books.parquet")
     rejects = pl.read_parquet(out / "rejects.parquet")
-    assert books.columns == ["id", "title", "authors", "language", "text", "n_chars", "sha256"]
-    assert rejects.columns == ["id", "reason", "detail"]
+    assert books.columns == [
+        "id",
+        "title",
+        "authors",
+        "language",
+        "text",
+        "n_chars",
+        "sha256",
+        "source",
+    ]
+    assert rejects.columns == ["id", "reason", "detail", "source"]
+    assert set(books["source"]) == {"gutenberg"} and set(rejects["source"]) == {"gutenberg"}
     assert books["id"].to_list() == [1, 7, 10, 11]
     reasons = dict(rejects.select("id", "reason").iter_rows())
     assert reasons == {

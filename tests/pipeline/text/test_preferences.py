@@ -391,7 +391,9 @@ def test_registry_of_preference_sources(tmp_path: Path) -> None:
         ("hh_rlhf_harmless", "hh_rlhf"),
         ("dpo_en_zh", "sharegpt_preference"),
         ("rasbt_preference", "alpaca_preference"),
+        ("dpo_zh_demo", "sharegpt_preference"),
     ]
+    assert [s.id for s in loaded if s.language == "zh"] == ["dpo_zh_demo"]
     assert loaded[2].url and loaded[2].sha256 and loaded[0].revision == "main"
     # The preference adapters are not SFT adapters, and the other way round.
     assert not {"hh_rlhf", "sharegpt_preference", "alpaca_preference"} & set(available_adapters())
