@@ -110,7 +110,7 @@ def test_push_then_from_pretrained_gives_identical_tensors(
 
 
 def test_publish_job_is_opt_in_and_pushes_hf_export(
-    export: Path, hub: MirrorServer, tmp_path: Path
+    export: Path, hub: MirrorServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pipeline.definitions import defs
 
@@ -136,14 +136,16 @@ def test_publish_job_is_opt_in_and_pushes_hf_export(
     assert not no_token.success
     assert not (hub.root / "hf" / "models" / "acme" / "from-dagster").exists()
 
-    os.environ["HF_HUB_DISABLE_XET"] = "1"  # read per call by huggingface_hub
-    try:
-        result = publish_hf_export.execute_in_process(
-            run_config=config,
-            resources={**resources, "hub": HubSource(endpoint=hub.url, token=TOKEN)},
-        )
-    finally:
-        os.environ.pop("HF_HUB_DISABLE_XET")
+    # The mirror speaks git-LFS only. huggingface_hub reads HF_HUB_DISABLE_XET once, when it is
+    # first imported (by an earlier test in the same session), so set its constant as well.
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+    result = publish_hf_export.execute_in_process(
+        run_config=config,
+        resources={**resources, "hub": HubSource(endpoint=hub.url, token=TOKEN)},
+    )
     assert result.success
     [observation] = [
         e.event_specific_data.asset_observation  # type: ignore[union-attr]
