@@ -99,7 +99,7 @@ def run_evaluation(extras: dict[str, Any], pipes: Any) -> dict[str, Any]:
     from llm_core.tracking import MlflowTracker
     from pipeline.eval.epochs import add_epochs
     from pipeline.eval.history import evaluation_history, loss_curves, previous_evaluation
-    from pipeline.eval.questions import add_questions, append_questions
+    from pipeline.eval.questions import add_questions
     from pipeline.eval.report import render_markdown
     from pipeline.eval.run import EvalSettings, HttpJudgeConfig, evaluate, finalize, write_report
 
@@ -131,7 +131,6 @@ def run_evaluation(extras: dict[str, Any], pipes: Any) -> dict[str, Any]:
             report, previous=previous, loss_curves=curves, mlflow_run_id=run_id, history=history
         )
         files = write_report(report, rejects, out)
-        append_questions(report, files)
         tracker.log_metrics(report["headline"], step=0)
         for path in files.values():
             tracker.log_artifact(path, "report")

@@ -99,26 +99,21 @@ def continuations(
     return out
 
 
-def render_epochs(report: Mapping[str, Any]) -> str:
-    """The ``pretrain_epochs`` section as markdown (empty when the report has none)."""
+def epoch_table(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """Train and val loss per epoch as a table for both report formats (None without them)."""
     section = report.get("pretrain_epochs")
     if not section or "rows" not in section:
-        return ""
-    lines = [
-        "## Pretraining: train and val loss per epoch",
-        "",
-        f"{section['train_tokens']:,} train tokens. Val loss that stops falling while train loss "
-        "keeps falling is overfitting.",
-        "",
-        "| step | epoch | train loss | val loss |",
-        "|---:|---:|---:|---:|",
+        return None
+    rows = [
+        [str(r["step"]), f"{r['epoch']:.2f}", f"{r['train_loss']:.3f}", f"{r['val_loss']:.3f}"]
+        for r in section["rows"]
     ]
-    for r in section["rows"]:
-        lines.append(
-            f"| {r['step']} | {r['epoch']:.2f} | {r['train_loss']:.3f} | {r['val_loss']:.3f} |"
-        )
-    if section.get("continuations"):
-        lines += ["", "Sampled continuations of the pretrained model:", ""]
-        for prompt, text in section["continuations"].items():
-            lines.append(f"- **{prompt}**{text}")
-    return "\n".join(lines) + "\n"
+    return ["step", "epoch", "train loss", "val loss"], rows
+
+
+def continuation_table(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """The pretrained model's sampled continuations (None without them)."""
+    section = report.get("pretrain_epochs") or {}
+    if not section.get("continuations"):
+        return None
+    return ["prompt", "continuation"], [[p, t] for p, t in section["continuations"].items()]

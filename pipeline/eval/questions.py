@@ -8,8 +8,9 @@ that is the lesson: pretraining knows the words, SFT learns to answer, alignment
 answer (or its margin) to the preferred one.
 
 Kept apart from :mod:`pipeline.eval.run` (the benchmarks): :func:`add_questions` adds a
-``questions`` section to the report dict and :func:`render_questions` its markdown, which the
-Pipes child appends to ``report.md``. Profiles without inline pairs get neither.
+``questions`` section to the report dict and :func:`question_table` its table, which
+``pipeline.eval.report.TABLE_SECTIONS`` renders (escaped) in both ``report.md`` and
+``report.html``. Profiles without inline pairs get neither.
 """
 
 from __future__ import annotations
@@ -102,11 +103,12 @@ def add_questions(
     return {**report, "questions": {"items": items, "stages": stages}}
 
 
-def render_questions(report: Mapping[str, Any]) -> str:
-    """The ``questions`` section as markdown (empty when the report has none)."""
+def question_table(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """The ``questions`` section as a table (header, rows) for both report formats; None when
+    the report has none (``report.TABLE_SECTIONS`` renders it, escaped)."""
     section = report.get("questions")
     if not section or not section["stages"]:
-        return ""
+        return None
     stages = list(section["stages"])
     head = [
         "question",
@@ -114,35 +116,15 @@ def render_questions(report: Mapping[str, Any]) -> str:
         *(f"{s} answer" for s in stages),
         *(f"{s} margin" for s in stages),
     ]
-    lines = [
-        "## Toy questions: greedy answers per stage",
-        "",
-        "Margin: log p(preferred) - log p(rejected) of the whole reply; an answer in **bold** is "
-        "the preferred one.",
-        "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
-    ]
+    rows = []
     for i, q in enumerate(section["items"]):
         answers = []
         for s in stages:
             a = section["stages"][s][i]["answer"] or "(nothing)"
-            cell = " ".join(a.replace("|", "\\|").split())  # a reply must not break the table
+            cell = " ".join(a.split())  # one line per reply
             answers.append(f"**{cell}**" if a == q["chosen"] else cell)
         margins = [f"{section['stages'][s][i]['margin']:+.2f}" for s in stages]
-        asked = [" ".join(t.replace("|", "\\|").split()) for t in (q["question"], q["chosen"])]
-        lines.append("| " + " | ".join([*asked, *answers, *margins]) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def append_questions(report: Mapping[str, Any], files: Mapping[str, Path]) -> None:
-    """Append the questions' (and the epochs', :mod:`pipeline.eval.epochs`) markdown to the
-    written ``report.md`` (atomically), so the one report a learner opens shows the lesson."""
-    from pipeline.eval.epochs import render_epochs
-    from pipeline.io import atomic_write_text
-
-    text = "\n".join(t for t in (render_epochs(report), render_questions(report)) if t)
-    md = files.get("md") or files.get("markdown")
-    if text and md is not None:
-        md = Path(md)
-        atomic_write_text(md, md.read_text().rstrip("\n") + "\n\n" + text)
+        rows.append(
+            [" ".join(q["question"].split()), " ".join(q["chosen"].split()), *answers, *margins]
+        )
+    return head, rows

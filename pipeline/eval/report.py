@@ -236,7 +236,30 @@ def _one_line(text: str) -> str:
 # Extra tables (title, report -> (header, rows) or None when there is nothing to show), rendered
 # in both formats after the per-benchmark sections: a small section added by another feature
 # is one line here and one function beside its data.
-TABLE_SECTIONS: tuple[tuple[str, Callable[[Mapping[str, Any]], Rows | None]], ...] = ()
+def _questions(report: Mapping[str, Any]) -> Rows | None:
+    from pipeline.eval.questions import question_table
+
+    return question_table(report)
+
+
+def _epochs(report: Mapping[str, Any]) -> Rows | None:
+    from pipeline.eval.epochs import epoch_table
+
+    return epoch_table(report)
+
+
+def _continuations(report: Mapping[str, Any]) -> Rows | None:
+    from pipeline.eval.epochs import continuation_table
+
+    return continuation_table(report)
+
+
+TABLE_SECTIONS: tuple[tuple[str, Callable[[Mapping[str, Any]], Rows | None]], ...] = (
+    # the learning profiles (toy, verdict): margin = log p(preferred) - log p(rejected)
+    ("Toy questions: greedy answers per stage", _questions),
+    ("Pretraining: train and val loss per epoch", _epochs),
+    ("Sampled continuations of the pretrained model", _continuations),
+)
 
 
 def render_markdown(report: Mapping[str, Any], *, headline_only: bool = False) -> str:

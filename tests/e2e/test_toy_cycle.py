@@ -128,8 +128,11 @@ def test_alignment_effect(toy_run: ToyRun) -> None:
             assert margins["rlhf"][i] > margins["sft"][i], (q, margins)
     assert fixed > 0, "alignment had nothing to fix: the toy no longer shows its lesson"
     md = (toy_run.data / "evaluation_report" / "report.md").read_text()
-    assert "## Toy questions: greedy answers per stage" in md
+    assert "### Toy questions: greedy answers per stage" in md
     assert f"| {items[0]['question']} | {items[0]['chosen']} |" in md
+    html = (toy_run.data / "evaluation_report" / "report.html").read_text()
+    assert "Toy questions: greedy answers per stage" in html
+    assert f"<td>{items[0]['question']}</td><td>{items[0]['chosen']}</td>" in html
 
 
 def test_playground_notebook_runs(toy_run: ToyRun, monkeypatch: pytest.MonkeyPatch) -> None:

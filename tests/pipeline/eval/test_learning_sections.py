@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import math
 
-from pipeline.eval.epochs import epoch_rows, render_epochs
-from pipeline.eval.questions import questions, render_questions
+from pipeline.eval.epochs import epoch_rows, epoch_table
+from pipeline.eval.questions import question_table, questions
+from pipeline.eval.report import md_table
 
 
 def test_epoch_rows_average_the_train_loss_between_evaluations() -> None:
@@ -20,9 +21,11 @@ def test_epoch_rows_average_the_train_loss_between_evaluations() -> None:
     assert [r["epoch"] for r in rows] == [1.0, 2.0]
     assert [r["train_loss"] for r in rows] == [8.0, 5.0]  # mean of 9,8,7 then of 6,5,4
     assert [r["val_loss"] for r in rows] == [8.5, 8.0]
-    md = render_epochs({"pretrain_epochs": {"train_tokens": 60, "rows": rows, "continuations": {}}})
-    assert "| 6 | 2.00 | 5.000 | 8.000 |" in md
-    assert render_epochs({}) == ""
+    table = epoch_table(
+        {"pretrain_epochs": {"train_tokens": 60, "rows": rows, "continuations": {}}}
+    )
+    assert table is not None and "| 6 | 2.00 | 5.000 | 8.000 |" in md_table(*table)
+    assert epoch_table({}) is None
     assert math.isnan(epoch_rows({**metrics, "history": []}, 60)[0]["train_loss"])
 
 
@@ -48,10 +51,13 @@ def test_questions_table_marks_the_preferred_answers() -> None:
             },
         }
     }
-    md = render_questions(report)
+    table = question_table(report)
+    assert table is not None
+    md = md_table(*table)
     assert (
         "| does the cat like milk ? | yes . | yes , it does . | **yes .** | -3.00 | +4.25 |" in md
     )
-    assert render_questions({}) == ""
+    assert question_table({}) is None
     report["questions"]["stages"]["sft"][0]["answer"] = "yes | no\n."
-    assert "| yes \\| no . |" in render_questions(report)  # one cell, one row
+    table = question_table(report)
+    assert table is not None and "| yes \\| no . |" in md_table(*table)  # one cell, one row
