@@ -14,9 +14,6 @@ the GPT-2 architecture (not written here).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,9 +23,9 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 from tokenizers.processors import TemplateProcessing
 
-from llm_core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, fsync_dir
+from llm_core.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from llm_core.classify import ClassifierModel, load_classifier, pad_id
-from llm_core.interop import to_hf_state_dict
+from llm_core.interop import staged_folder, to_hf_state_dict
 from llm_core.tokenizer import load_tokenizer
 
 
@@ -96,9 +93,7 @@ def export_classifier_hf(
     hf["score.weight"] = model.heads[task].weight.detach()
     tensors = {k: v.to("cpu").contiguous().clone() for k, v in hf.items()}
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
+    with staged_folder(out) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         config = hf_classifier_config(model, pad)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
@@ -106,20 +101,6 @@ def export_classifier_hf(
         tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": tok.id_to_token(pad),
                       "model_max_length": model.config.context_length}  # fmt: skip
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            trash = out.parent / f".old-{out.name}-{os.getpid()}"
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -30,11 +30,12 @@ to export or import).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -418,9 +419,7 @@ def export_hf(
         t.numel() for k, t in state.items() if k != "lm_head.weight" or not cfg.tie_embeddings
     )
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
+    with staged_folder(out) as tmp:
         save_file(to_hf_state_dict(cfg, state), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         files: dict[str, Any] = {
             CONFIG_NAME: hf_config(cfg, specials),
@@ -436,6 +435,18 @@ def export_hf(
             (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
         shutil.copyfile(tok_file, tmp / "tokenizer.json")
         (tmp / CARD_NAME).write_text(render_model_card(card or {}, cfg, n_params))
+    return out
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """A temporary folder beside ``out`` to fill. When the block ends, its files are fsynced
+    and made shareable and it is swapped into place (a previous ``out`` removed), so a reader
+    (or ``upload_folder``) never sees half a folder; if the block raises, it is removed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    try:
+        yield tmp
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -452,7 +463,6 @@ def export_hf(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 # ------------------------------------------------------------------------------ verification
