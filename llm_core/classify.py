@@ -36,6 +36,7 @@ from llm_core.checkpoint import CONFIG_NAME, load_state_dict, save_weights
 from llm_core.config import ModelConfig
 from llm_core.data.sampler import StepSampler
 from llm_core.model import Transformer
+from llm_core.reward import pool_hidden
 
 POOLINGS = ("last", "mean", "max")
 PAD_TOKENS = ("<|pad|>", "<|endoftext|>")
@@ -81,20 +82,6 @@ class ClassifierConfig:
         pooling = rest.pop("pooling", "last")
         end = rest.pop("end_token", None)
         return cls(ModelConfig.from_dict(rest), tasks, pooling, None if end is None else int(end))
-
-
-def pool_hidden(hidden: Tensor, lengths: Tensor, pooling: str) -> Tensor:
-    """[B, T, D] states of right-padded rows -> [B, D], over each row's ``lengths`` tokens."""
-    b, t, _ = hidden.shape
-    if bool((lengths < 1).any()) or bool((lengths > t).any()):
-        raise ValueError(f"lengths must be in [1, {t}]")
-    if pooling == "last":
-        return hidden[torch.arange(b, device=hidden.device), lengths - 1]
-    real = torch.arange(t, device=hidden.device)[None, :] < lengths[:, None]
-    if pooling == "mean":
-        h = hidden.float() * real[..., None]
-        return (h.sum(1) / lengths[:, None].to(h.dtype)).to(hidden.dtype)
-    return hidden.masked_fill(~real[..., None], float("-inf")).amax(dim=1)
 
 
 class ClassifierModel(nn.Module):

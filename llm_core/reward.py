@@ -71,6 +71,22 @@ class RewardConfig:
         return cls(ModelConfig.from_dict(rest), pooling)
 
 
+def pool_hidden(hidden: Tensor, lengths: Tensor, pooling: str) -> Tensor:
+    """[B, T, D] states of right-padded rows -> [B, D], over each row's ``lengths`` tokens:
+    ``last`` (the last real token), ``mean`` or ``max``. The reward model's and the
+    classifier's heads read the same pooled state."""
+    b, t, _ = hidden.shape
+    if bool((lengths < 1).any()) or bool((lengths > t).any()):
+        raise ValueError(f"lengths must be in [1, {t}]")
+    if pooling == "last":
+        return hidden[torch.arange(b, device=hidden.device), lengths - 1]
+    real = torch.arange(t, device=hidden.device)[None, :] < lengths[:, None]  # [B, T]
+    if pooling == "mean":
+        h = hidden.float() * real[..., None]
+        return (h.sum(1) / lengths[:, None].to(h.dtype)).to(hidden.dtype)
+    return hidden.masked_fill(~real[..., None], float("-inf")).amax(dim=1)
+
+
 class RewardModel(nn.Module):
     """A :class:`~llm_core.model.Transformer` backbone and a scalar head over pooled states."""
 
@@ -87,17 +103,8 @@ class RewardModel(nn.Module):
         return self.config.pooling
 
     def pool(self, hidden: Tensor, lengths: Tensor) -> Tensor:
-        """[B, T, D] states of right-padded rows -> [B, D], over each row's ``lengths`` tokens."""
-        b, t, _ = hidden.shape
-        if bool((lengths < 1).any()) or bool((lengths > t).any()):
-            raise ValueError(f"lengths must be in [1, {t}]")
-        if self.pooling == "last":
-            return hidden[torch.arange(b, device=hidden.device), lengths - 1]
-        real = torch.arange(t, device=hidden.device)[None, :] < lengths[:, None]  # [B, T]
-        if self.pooling == "mean":
-            h = hidden.float() * real[..., None]
-            return (h.sum(1) / lengths[:, None].to(h.dtype)).to(hidden.dtype)
-        return hidden.masked_fill(~real[..., None], float("-inf")).amax(dim=1)
+        """[B, T, D] states of right-padded rows -> [B, D] (:func:`pool_hidden`)."""
+        return pool_hidden(hidden, lengths, self.pooling)
 
     def forward(
         self, idx: Tensor, lengths: Tensor, *, return_hidden: bool = False
