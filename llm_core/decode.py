@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llm_core.kernels import SMALL_BATCH, Linear, attention, rotate, rows_mm, weight_t
+from llm_core.kernels import Linear, attention, rotate, rows_addmm, rows_mm
 
 if TYPE_CHECKING:  # llm_core.model imports this module
     from llm_core.model import MLP, Block, RMSNorm, Transformer
@@ -207,42 +207,12 @@ def decode_step(
     a step makes ~40 calls per layer through the modules. Here it is ~15: no module or
     autograd-Function layers, the attention and MLP residual adds folded into ``addmm``, and
     the KV cache written straight from the fused QKV output. Measured +18% tokens/s at the
-    demo shape, batch 1. ``cos``/``sin``: [B or 1, 1, head_dim / 2].
+    demo shape, batch 1. A few rows (batched serving) multiply in the layout MKL runs faster
+    for them (:func:`~llm_core.kernels.rows_mm`). ``cos``/``sin``: [B or 1, 1, head_dim / 2].
 
     The Transformer takes this path only for Llama blocks (it has RoPE tables), whose MLP is
     SwiGLU and whose norms are RMSNorm: hence the casts, which check nothing at run time.
     """
-    b, _, d = x.shape
-    if b in SMALL_BATCH:  # a few rows (batched serving): the layout MKL runs faster for them
-        return _decode_step_rows(block, x, cos, sin, attn_mask, kv_cache, layer)
-    attn, mlp = block.attn, cast("MLP", block.mlp)
-    attn_norm, mlp_norm = cast("RMSNorm", block.attn_norm), cast("RMSNorm", block.mlp_norm)
-    nh, nkv, hd = attn.n_head, attn.n_kv, attn.head_dim
-    x = x.view(b, d)
-    h = F.rms_norm(x, (d,), attn_norm.weight, attn_norm.eps)
-    qkv = torch.mm(h, weight_t(attn.qkv)).view(b, nh + 2 * nkv, hd)
-    qk = rotate(qkv[:, : nh + nkv], cos, sin)
-    k, v = kv_cache.update(layer, qk[:, nh:, None], qkv[:, nh + nkv :, None])
-    y = attention(qk[:, :nh, None], k, v, attn_mask, False)  # [B, H, 1, D]
-    x = torch.addmm(x, y.reshape(b, nh * hd), weight_t(attn.proj))
-    h = F.rms_norm(x, (d,), mlp_norm.weight, mlp_norm.eps)
-    if hasattr(block.mlp, "experts"):  # routed experts (llm_core.moe.MoE)
-        return (x + block.mlp(h)).view(b, 1, d)
-    gate = F.silu(torch.mm(h, weight_t(mlp.gate))).mul_(torch.mm(h, weight_t(mlp.up)))
-    return torch.addmm(x, gate, weight_t(mlp.down)).view(b, 1, d)
-
-
-def _decode_step_rows(
-    block: Block,
-    x: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    attn_mask: Tensor | None,
-    kv_cache: KVCache,
-    layer: int,
-) -> Tensor:
-    """:func:`decode_step` for :data:`~llm_core.kernels.SMALL_BATCH` rows: the same arithmetic
-    with every product as ``weight @ x.T`` (:func:`~llm_core.kernels.rows_mm`)."""
     b, _, d = x.shape
     attn, mlp = block.attn, cast("MLP", block.mlp)
     attn_norm, mlp_norm = cast("RMSNorm", block.attn_norm), cast("RMSNorm", block.mlp_norm)
@@ -253,9 +223,9 @@ def _decode_step_rows(
     qk = rotate(qkv[:, : nh + nkv], cos, sin)
     k, v = kv_cache.update(layer, qk[:, nh:, None], qkv[:, nh + nkv :, None])
     y = attention(qk[:, :nh, None], k, v, attn_mask, False)  # [B, H, 1, D]
-    x = x + rows_mm(y.reshape(b, nh * hd), attn.proj)
+    x = rows_addmm(x, y.reshape(b, nh * hd), attn.proj)
     h = F.rms_norm(x, (d,), mlp_norm.weight, mlp_norm.eps)
     if hasattr(block.mlp, "experts"):  # routed experts (llm_core.moe.MoE)
         return (x + block.mlp(h)).view(b, 1, d)
     gate = F.silu(rows_mm(h, mlp.gate)).mul_(rows_mm(h, mlp.up))
-    return (x + rows_mm(gate, mlp.down)).view(b, 1, d)
+    return rows_addmm(x, gate, mlp.down).view(b, 1, d)

@@ -244,6 +244,14 @@ def rows_mm(x: Tensor, linear: Linear) -> Tensor:
     return torch.mm(x, weight_t(linear))
 
 
+def rows_addmm(residual: Tensor, x: Tensor, linear: Linear) -> Tensor:
+    """``residual + x @ weight`` for decoding: fused ``addmm`` in the usual layout, the
+    :func:`rows_mm` layout (then one add) for :data:`SMALL_BATCH` rows."""
+    if x.shape[0] in SMALL_BATCH and linear.weight.dtype == x.dtype:
+        return residual + rows_mm(x, linear)
+    return torch.addmm(residual, x, weight_t(linear))
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
     """Softmax attention of q [B, H, Tq, D] over k, v [B, Hkv, Tk, D] (Hkv divides H).
 
