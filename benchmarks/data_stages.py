@@ -320,31 +320,21 @@ def child_shard(args: argparse.Namespace) -> dict[str, Any]:
 
         return wrapper
 
-    class TimedWriter(shards_mod.ShardWriter):
-        def write(self, tokens: Any) -> None:
-            t0 = time.perf_counter()
-            try:
-                super().write(tokens)
-            finally:
-                timers["writer"] += time.perf_counter() - t0
-
-        def _flush(self, n: int) -> None:
-            t0 = time.perf_counter()
-            try:
-                super()._flush(n)
-            finally:
-                timers["flush_io_hash"] += time.perf_counter() - t0
-
-        def close(self) -> list[dict[str, Any]]:
-            t0 = time.perf_counter()
-            try:
-                return super().close()
-            finally:
-                timers["writer"] += time.perf_counter() - t0
+    # The merge (issue 23) streams the parts into shards: reading the parts, the shard files,
+    # fsync and SHA-256/CRC-32 all happen inside write_split.
+    shards_mod.write_split = timed("writer", shards_mod.write_split)
 
     real_load = shards_mod.load_tokenizer
     shards_mod.load_tokenizer = lambda p: _TimedTokenizer(real_load(p), timers)
-    shards_mod.ShardWriter = TimedWriter
+    real_fast = shards_mod.fast_encoder
+
+    def timed_fast(*a: Any, **kw: Any) -> Any:  # the tiktoken path (issue 23) is encoding too
+        fast = real_fast(*a, **kw)
+        if fast is not None:
+            fast.encode_batch = timed("encode_batch", fast.encode_batch)
+        return fast
+
+    shards_mod.fast_encoder = timed_fast
     shards_mod.write_manifest = timed("manifest", shards_mod.write_manifest)
     shards_mod.file_sha256 = timed("tokenizer_hash", shards_mod.file_sha256)
 
@@ -369,8 +359,8 @@ def child_shard(args: argparse.Namespace) -> dict[str, Any]:
         "books": sum(stats.books.values()),
         "shards": stats.n_shards,
         "encode_batch_s": encode,
-        "writer_s": writer,  # dtype checks + buffering + flushes
-        "flush_io_hash_s": timers["flush_io_hash"],  # np.save + fsync + SHA-256 + rename
+        "writer_s": writer,  # the merge: parts streamed into shards (write_split)
+        "flush_io_hash_s": timers["writer"],  # part reads + shard writes + fsync + hashes
         "manifest_s": timers["manifest"],
         "tokenizer_hash_s": timers["tokenizer_hash"],
         "read_cut_ids_s": rest,  # parquet reads, cutting, Encoding.ids -> NumPy

@@ -1,5 +1,7 @@
 """Asset checks: each reads the artefact from disk and tests one promise the asset makes."""
 
+from pathlib import Path
+
 import dagster as dg
 import numpy as np
 import polars as pl
@@ -18,11 +20,15 @@ def no_boilerplate_left(paths: Paths) -> dg.AssetCheckResult:
     """No cleaned book still carries Project Gutenberg header, footer or licence text."""
     offenders: dict[int, list[str]] = {}
     pf = pq.ParquetFile(paths.require("cleaned_books", "books.parquet"))
-    for batch in pf.iter_batches(batch_size=16, columns=["id", "text"]):
-        for book_id, text in zip(batch["id"].to_pylist(), batch["text"].to_pylist(), strict=True):
-            hits = find_boilerplate(text)
-            if hits:
-                offenders[book_id] = hits[:3]
+    # One row group at a time: iter_batches over the whole file reads ahead across row groups,
+    # and its memory grew with the corpus (730 MB at 4,000 books against 251 MB per group).
+    for group in range(pf.num_row_groups):
+        for batch in pf.iter_batches(batch_size=16, row_groups=[group], columns=["id", "text"]):
+            ids, texts = batch["id"].to_pylist(), batch["text"].to_pylist()
+            for book_id, text in zip(ids, texts, strict=True):
+                hits = find_boilerplate(text)
+                if hits:
+                    offenders[book_id] = hits[:3]
     return dg.AssetCheckResult(
         passed=not offenders,
         metadata={
@@ -63,6 +69,18 @@ def tokenizer_roundtrip(paths: Paths, profile: Profile) -> dg.AssetCheckResult:
     )
 
 
+def _max_id(path: Path, arr: np.ndarray, block: int = 8 << 20) -> int:
+    """The largest id of a shard, read in blocks rather than through the map: every mapped page
+    the ``max`` touches stays resident, so a 100 M-token shard would add 200 MB to the check."""
+    offset = path.stat().st_size - arr.nbytes  # the .npy header
+    top = -1
+    with path.open("rb") as fh:
+        fh.seek(offset)
+        while chunk := fh.read(block * arr.itemsize):
+            top = max(top, int(np.frombuffer(chunk, dtype=arr.dtype).max()))
+    return top
+
+
 @dg.asset_check(asset=token_shards, blocking=True)
 def shards_valid(paths: Paths, profile: Profile) -> dg.AssetCheckResult:
     """Every shard loads with ``np.load(mmap_mode='r')`` and every id is below ``vocab_size``."""
@@ -76,7 +94,7 @@ def shards_valid(paths: Paths, profile: Profile) -> dg.AssetCheckResult:
         if arr.dtype.name != manifest["dtype"] or arr.shape[0] != entry["tokens"]:
             bad.append(f"{entry['file']}: dtype/length mismatch")
             continue
-        m = int(arr.max()) if arr.size else -1
+        m = _max_id(root / entry["file"], arr) if arr.size else -1
         max_id = max(max_id, m)
         if m >= vocab_size:
             bad.append(f"{entry['file']}: id {m} >= vocab_size {vocab_size}")

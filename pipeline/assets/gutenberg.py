@@ -10,7 +10,9 @@ batch the downloads are concurrent. ``dagster asset materialize --select '*'`` s
 """
 
 import dataclasses
+import shutil
 import time
+import warnings
 from pathlib import Path
 
 import dagster as dg
@@ -22,10 +24,19 @@ from pipeline.resources import GutenbergSource, Paths, Profile, profile_code_ver
 from pipeline.sources import gutenberg as pg
 from pipeline.sources.http import DEFAULT_MAX_BYTES, PoliteClient
 from pipeline.sources.text_sources import parse_text_sources, text_source_books
-from pipeline.text.clean import clean_books
+from pipeline.text.clean import reduce_chunks
+from pipeline.text.clean_chunks import ChunkFiles, chunk_ranges, clean_chunk, task_table
 
 GROUP = "data"
 CODE_VERSION = "1"
+
+
+def versioned_output(metadata: dict, data_version: dg.DataVersion) -> dg.Output:
+    """The reduce step's ``Output`` of a graph-backed asset, with the asset's data version (what
+    ``MaterializeResult`` carries for a plain asset; on ``Output`` Dagster still marks it beta)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        return dg.Output(None, metadata=metadata, data_version=data_version)
 
 
 def _rules(profile: Profile) -> pg.CatalogRules:
@@ -186,17 +197,21 @@ def with_text_sources(
     return manifest, catalog
 
 
-@dg.asset(
-    group_name=GROUP,
-    code_version=profile_code_version(CODE_VERSION, "clean", "text_sources"),
-    deps=[gutenberg_books],
-    kinds={"polars"},
-)
-def cleaned_books(
-    context: dg.AssetExecutionContext, paths: Paths, profile: Profile
-) -> dg.MaterializeResult:
-    """Decoded, boilerplate-free, language-checked, deduplicated books + a rejects table: the
-    Gutenberg books and the profile's ``text_sources``, each row with its ``source``."""
+class CleanChunkConfig(dg.Config):
+    """Books per cleaning step (each may run on its own worker) and processes within a step."""
+
+    chunk_books: int = 500
+    workers: int = 2
+
+
+def _clean_work(paths: Paths) -> Path:
+    return paths.asset_dir("cleaned_books") / "_chunks"
+
+
+@dg.op(ins={"books": dg.In(dg.Nothing)}, out=dg.DynamicOut(list))
+def plan_clean_chunks(config: CleanChunkConfig, paths: Paths, profile: Profile):
+    """The id-sorted task table (manifest + catalog + the profile's ``text_sources``), written
+    once for the chunk steps, and one dynamic ``clean_book_chunk`` step per range of it."""
     out = paths.asset_dir("cleaned_books")
     manifest = pl.read_parquet(paths.require("gutenberg_books", "manifest.parquet"))
     books_dir = paths.asset_dir("gutenberg_books") / "books"
@@ -207,52 +222,87 @@ def cleaned_books(
     )
     catalog = pl.read_parquet(paths.require("gutenberg_catalog", "catalog.parquet"))
     manifest, catalog = with_text_sources(manifest, catalog, out / "text_sources", profile)
+    tasks = task_table(manifest, catalog)
+    work = _clean_work(paths)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    atomic_write_parquet(tasks, work / "tasks.parquet")
+    (work / "started").write_text(str(time.time()))
+    for k, (start, end) in enumerate(chunk_ranges(tasks.height, config.chunk_books)):
+        yield dg.DynamicOutput([start, end], mapping_key=f"chunk_{k:05d}")
+
+
+@dg.op
+def clean_book_chunk(
+    context: dg.OpExecutionContext,
+    rows: list,
+    config: CleanChunkConfig,
+    paths: Paths,
+    profile: Profile,
+) -> str:
+    """Clean one range of the task table: candidate texts + MinHash sketches, no global state."""
+    work = _clean_work(paths)
+    start, end = rows
+    tasks = pl.read_parquet(work / "tasks.parquet").slice(start, end - start)
     c = profile.section("clean")
-    t0 = time.perf_counter()
-    stats = clean_books(
-        manifest,
-        catalog,
-        out,
+    key = context.get_mapping_key() or "chunk_00000"
+    clean_chunk(
+        tasks,
+        work,
+        key,
         languages=c.get("languages") or ["en"],
         min_chars=int(c.get("min_chars", 2000)),
+        workers=config.workers,
+    )
+    context.log.info(f"{key}: {tasks.height} books")
+    return key
+
+
+@dg.op(out=dg.Out(dg.Nothing))
+def merge_cleaned_chunks(
+    context: dg.OpExecutionContext,
+    keys: list,
+    paths: Paths,
+    profile: Profile,
+):
+    """The reduce: exact and near-duplicates over every chunk's sketches, then ``books.parquet``
+    and ``rejects.parquet``."""
+    out = paths.asset_dir("cleaned_books")
+    work = _clean_work(paths)
+    tasks = pl.read_parquet(work / "tasks.parquet")
+    c = profile.section("clean")
+    stats = reduce_chunks(
+        [ChunkFiles.of(work, k) for k in sorted(keys)],
+        out,
+        tasks,
         near_duplicate_threshold=float(c.get("near_duplicate_threshold", 0.8)),
     )
-    seconds = time.perf_counter() - t0
+    stats.seconds = time.time() - float((work / "started").read_text())
+    shutil.rmtree(work, ignore_errors=True)
     rejects = pl.read_parquet(out / "rejects.parquet")
     by_reason = dict(rejects.group_by("reason").len().iter_rows()) if rejects.height else {}
     books_sha = sha256_file(out / "books.parquet")
+    kept = pl.scan_parquet(out / "books.parquet")
     context.log.info(f"cleaned {stats}")
-    return dg.MaterializeResult(
+    return versioned_output(
         metadata={
-            "books_in": manifest.height,
-            "books_kept": int(
-                pl.scan_parquet(out / "books.parquet").select(pl.len()).collect().item()
-            ),
+            "books_in": tasks.height,
+            "books_kept": int(kept.select(pl.len()).collect().item()),
             "rejected": rejects.height,
             "rejected_by_reason": dg.MetadataValue.json(by_reason),
             "books_by_source": dg.MetadataValue.json(
-                dict(
-                    pl.scan_parquet(out / "books.parquet")
-                    .group_by("source")
-                    .len()
-                    .collect()
-                    .iter_rows()
-                )
+                dict(kept.group_by("source").len().collect().iter_rows())
             ),
             # Per language: the kept books, and every book read by its detected language
             # (a mixed `clean.languages: [en, zh]` profile shows both here).
             "books_by_language": dg.MetadataValue.json(
-                dict(
-                    pl.scan_parquet(out / "books.parquet")
-                    .group_by("language")
-                    .len()
-                    .sort("language")
-                    .collect()
-                    .iter_rows()
-                )
+                dict(kept.group_by("language").len().sort("language").collect().iter_rows())
             ),
             "detected_languages": dg.MetadataValue.json(stats.languages),
-            "seconds": round(seconds, 2),
+            "chunks": len(keys),
+            "near_duplicate_candidates": stats.near_duplicate_candidates,
+            "near_duplicate_pairs_verified": stats.near_duplicate_pairs_verified,
+            "seconds": round(stats.seconds, 2),
             "books_sha256": books_sha,
             "path": dg.MetadataValue.path(str(out / "books.parquet")),
             "rejects": dg.MetadataValue.md(
@@ -265,3 +315,18 @@ def cleaned_books(
         },
         data_version=dg.DataVersion(books_sha[:16]),
     )
+
+
+@dg.graph_asset(
+    group_name=GROUP,
+    code_version=profile_code_version(CODE_VERSION, "clean", "text_sources"),
+    ins={"gutenberg_books": dg.AssetIn(dagster_type=dg.Nothing)},
+    kinds={"polars"},
+)
+def cleaned_books(gutenberg_books):
+    """Decoded, boilerplate-free, language-checked, deduplicated books + a rejects table: the
+    Gutenberg books and the profile's ``text_sources``, each row with its ``source``. Fans out:
+    one ``clean_book_chunk`` step per ``chunk_books`` books, then one reduce over their MinHash
+    sketches (:mod:`pipeline.text.clean`)."""
+    keys = plan_clean_chunks(books=gutenberg_books).map(clean_book_chunk).collect()
+    return merge_cleaned_chunks(keys)

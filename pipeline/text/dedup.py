@@ -354,6 +354,7 @@ def find_near_duplicates(
     verify: Callable[[int, int], Similarity] | None = None,
     min_shared: int = 2,
     max_bucket: int = 64,
+    counts: dict[str, int] | None = None,
 ) -> list[Duplicate]:
     """Near-duplicates among books, each dropped in favour of a kept, better-ranked book.
 
@@ -361,6 +362,8 @@ def find_near_duplicates(
     ``threshold`` applies to the containment of the smaller shingle set in the larger.
     ``verify(id_a, id_b)`` may return the exact similarity; it is called only for candidates
     whose estimate could reach the threshold, and its answer replaces the estimate.
+    ``counts``, when given, receives ``candidate_pairs`` (how much work the corpus made: it
+    should grow with the books, not with their square).
     """
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"near_duplicate_threshold must be in (0, 1], got {threshold}")
@@ -369,6 +372,8 @@ def find_near_duplicates(
         return []
     sigs = np.stack([s.signature for s in sketches])
     pairs = candidate_pairs(sigs, min_shared=min_shared, max_bucket=max_bucket)
+    if counts is not None:
+        counts["candidate_pairs"] = len(pairs)
     neighbours: dict[int, list[int]] = {}
     for i, j, _ in pairs.tolist():
         neighbours.setdefault(i, []).append(j)

@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipeline.text import clean
+from pipeline.text import clean_chunks
 from pipeline.text.boilerplate import find_boilerplate
 from pipeline.text.clean import CleanStats, clean_books
 from tests.conftest import MirrorBooks
@@ -90,7 +90,7 @@ def corpus(tmp_path: Path) -> tuple[pl.DataFrame, pl.DataFrame, dict[int, str]]:
     return manifest, catalog, {1: a}
 
 
-def run(corpus, out: Path, workers: int = 2) -> CleanStats:
+def run(corpus, out: Path, workers: int = 2, chunk_books: int | None = None) -> CleanStats:
     manifest, catalog, _ = corpus
     return clean_books(
         manifest,
@@ -100,6 +100,24 @@ def run(corpus, out: Path, workers: int = 2) -> CleanStats:
         min_chars=500,
         near_duplicate_threshold=0.8,
         workers=workers,
+        chunk_books=chunk_books,
+    )
+
+
+def test_chunks_do_not_change_the_result(corpus, tmp_path: Path) -> None:
+    """The fan-out's map/reduce: one chunk per book (the exact and the near-duplicate then sit in
+    other chunks than the books they repeat) gives the same files, byte for byte."""
+    whole = run(corpus, tmp_path / "whole", workers=1)
+    chunked = run(corpus, tmp_path / "chunked", workers=1, chunk_books=1)
+    for name in ("books.parquet", "rejects.parquet"):
+        a, b = tmp_path / "whole" / name, tmp_path / "chunked" / name
+        assert a.read_bytes() == b.read_bytes(), name
+    assert chunked.rejected == whole.rejected
+    assert {"exact_duplicate", "near_duplicate"} <= set(whole.rejected)
+    assert (chunked.books_kept, chunked.bytes_in, chunked.bytes_out) == (
+        whole.books_kept,
+        whole.bytes_in,
+        whole.bytes_out,
     )
 
 
@@ -177,7 +195,7 @@ def test_broken_worker_pool_falls_back_to_in_process(corpus, tmp_path: Path, mon
         def submit(self, *args: object, **kwargs: object) -> None:
             raise BrokenProcessPool("no workers here")
 
-    monkeypatch.setattr(clean, "process_pool", lambda workers: BrokenPool())
+    monkeypatch.setattr(clean_chunks, "process_pool", lambda workers: BrokenPool())
     run(corpus, tmp_path / "broken", workers=2)
     run(corpus, tmp_path / "one", workers=1)
     for name in ("books.parquet", "rejects.parquet"):

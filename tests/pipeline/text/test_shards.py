@@ -131,3 +131,40 @@ def test_val_fraction_splits_every_book_by_characters(tmp_path) -> None:
     assert splits["val"]["tokens"] > 0
     with pytest.raises(ValueError, match="val_fraction"):
         char_split(1.0)
+
+
+@pytest.mark.parametrize("val_fraction", [0.0, 0.1])
+def test_chunks_do_not_change_the_shards(tmp_path, corpus, val_fraction) -> None:
+    """The fan-out's plan/encode/merge: chunks of 3 books give the same shards, byte for byte,
+    as one pass, with fixed-size shards cut across chunk boundaries."""
+    books, tok_path, _, _ = corpus
+    kw = dict(tokens_per_shard=1500, val_ids={30, 70}, vocab_size=300, val_fraction=val_fraction)
+    whole, _ = encode_books_to_shards(books, tok_path, tmp_path / "whole", **kw)
+    chunked, _ = encode_books_to_shards(books, tok_path, tmp_path / "chunked", chunk_books=3, **kw)
+    assert chunked == whole and len(whole["shards"]) > 3
+    for entry in whole["shards"]:
+        a = (tmp_path / "whole" / entry["file"]).read_bytes()
+        assert a == (tmp_path / "chunked" / entry["file"]).read_bytes()
+    assert sorted(p.name for p in (tmp_path / "chunked").iterdir() if p.suffix != ".npy") == [
+        "manifest.json"
+    ]
+
+
+def test_streamed_shards_are_what_shardwriter_writes(tmp_path) -> None:
+    """The merge's streaming writer and ``ShardWriter`` give the same files and entries."""
+    from llm_core.data.shards import ShardWriter
+    from pipeline.text.shard_files import write_split
+
+    rng = np.random.default_rng(3)
+    parts = [rng.integers(0, 60_000, size=n, dtype=np.uint16) for n in (5, 1234, 0, 777, 4000)]
+    total = sum(len(p) for p in parts)
+    (tmp_path / "a").mkdir()
+    ours = write_split(tmp_path / "a", "train", parts, total, 1000, np.dtype(np.uint16))
+    with ShardWriter(tmp_path / "b", split="train", tokens_per_shard=1000, dtype="uint16") as w:
+        for p in parts:
+            w.write(p)
+    assert ours == w.close() and len(ours) == 7
+    for e in ours:
+        assert (tmp_path / "a" / e["file"]).read_bytes() == (
+            tmp_path / "b" / e["file"]
+        ).read_bytes()
