@@ -159,7 +159,30 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     peak_flops: float | None = None  # for MFU; None picks a per-device default
+    # The recipe (llm_core.optim, llm_core.schedule). The defaults are the old one: AdamW, cosine.
+    optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' matrices, AdamW for the rest)
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay)
+    decay_fraction: float = 0.2  # wsd: the last fraction of the updates decays to min_lr_ratio
+    minutes: float | None = None  # train for this long (steps, if > 0, caps the updates)
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_ns_steps: int = 5  # Newton-Schulz iterations per update
+    muon_weight_decay: float = 0.0
+    # Across ranks (llm_core.distributed): ddp replicates the model; fsdp shards it (fully_shard).
+    parallel: str = "ddp"  # ddp | fsdp
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"train.optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
+        if self.schedule not in ("cosine", "wsd"):
+            raise ValueError(f"train.schedule must be 'cosine' or 'wsd', got {self.schedule!r}")
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise ValueError(f"train.decay_fraction must be in [0, 1], got {self.decay_fraction}")
+        if self.minutes is not None and self.minutes <= 0:
+            raise ValueError(f"train.minutes must be > 0 (or null), got {self.minutes}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"train.parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

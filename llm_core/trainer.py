@@ -1,8 +1,10 @@
 """One training loop for every stage (pretraining, SFT, reward modelling, DPO).
 
 The stage-specific part is the ``Objective`` passed in (see ``llm_core.objectives``); the loop
-owns optimisation (AdamW, warmup + cosine schedule, gradient accumulation and clipping, bf16
-autocast, optional ``torch.compile``), DDP, validation, checkpoints and exact resume.
+owns optimisation (AdamW or Muon + AdamW from ``llm_core.optim``; cosine or warmup-stable-decay
+schedules and runs sized in minutes from ``llm_core.schedule``; gradient accumulation and
+clipping, bf16 autocast, optional ``torch.compile``), DDP or FSDP (``llm_core.distributed``),
+validation, checkpoints and exact resume.
 
 Observers (MLflow, Dagster Pipes, a progress bar) attach through callbacks with ``on_metrics``,
 ``on_eval`` and ``on_checkpoint`` methods, so this module imports neither. Callbacks, logs and files
@@ -33,15 +35,19 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from llm_core.checkpoint import (
     capture_rng_state,
     latest_checkpoint,
-    load_checkpoint,
     remove_stale_temps,
     restore_rng_state,
     save_checkpoint,
     unwrap_model,
 )
 from llm_core.config import TrainConfig
+from llm_core.distributed import Parallel
 from llm_core.kernels import cpu_bf16_kernels
 from llm_core.objectives import Objective
+from llm_core.optim import build_optimizer as build_optimizer  # re-exported (benchmarks)
+from llm_core.optim import set_lr_factor
+from llm_core.schedule import StepPlan, lr_factor
+from llm_core.schedule import lr_at as lr_at  # re-exported: the old recipe's AdamW rate
 
 log = logging.getLogger(__name__)
 Evaluator = Callable[[nn.Module], dict[str, float]]
@@ -129,36 +135,6 @@ def init_distributed(device: str = "auto") -> DistInfo:
         torch.cuda.set_device(dev)
     dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return DistInfo(dist.get_rank(), local, dist.get_world_size(), dev)
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for update ``step`` (0-based): linear warmup, then cosine to min_lr_ratio·lr."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    decay = max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / decay)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * progress))
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only: decaying gains, biases and norms only hurts.
-
-    ``fused=True`` (one kernel for all parameters) is used where torch supports it, which in
-    torch 2.13 includes CPU and CUDA; anything else falls back to the foreach implementation.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": 1e-8}
-    if device.type in {"cpu", "cuda"}:
-        try:
-            return torch.optim.AdamW(groups, fused=True, **kwargs)
-        except (RuntimeError, ValueError) as exc:  # pragma: no cover - depends on build
-            log.warning("fused AdamW unavailable on %s (%s); using foreach", device, exc)
-    return torch.optim.AdamW(groups, **kwargs)
 
 
 _GPU_PEAK_BF16 = {
@@ -275,13 +251,13 @@ class Trainer:
         self.raw_model = unwrap_model(model)
         self.ckpt_dir = Path(out_dir) / "checkpoints" if out_dir is not None else None
         self.keep_checkpoints = keep_checkpoints
+        # DDP or FSDP (llm_core.distributed); FSDP shards here, before the optimiser is built.
+        self.parallel = Parallel.wrap(self.raw_model, cfg.parallel, optimizer=cfg.optimizer,
+                                      distributed=self.dist.distributed, device=self.device)  # fmt: skip
         self.optimizer = build_optimizer(self.raw_model, cfg, self.device)
-        self.ddp: DDP | None = None
-        train_model: nn.Module = self.raw_model
-        if self.dist.distributed:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = DDP(self.raw_model, device_ids=ids)
-            train_model = self.ddp
+        self.plan = StepPlan.from_config(cfg)  # cfg.steps, or as many as fit cfg.minutes
+        self.ddp: DDP | None = self.parallel.ddp
+        train_model: nn.Module = self.parallel.module
         self.train_model = torch.compile(train_model) if cfg.compile else train_model
         self.autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
         if self.autocast_dtype is not None and self.device.type == "cpu":
@@ -295,6 +271,7 @@ class Trainer:
         self.eval_history: list[dict[str, float]] = []
         self.last_checkpoint: Path | None = None
         self._flops_per_token: float | None = None
+        self._session_t0 = time.perf_counter()
 
     # -- observers ---------------------------------------------------------------------------
     def _emit(self, hook: str, *args: Any) -> None:
@@ -309,6 +286,22 @@ class Trainer:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _planned(self, session_steps: int) -> int:
+        """Updates in the whole run, as planned before the next one (``StepPlan``); under DDP
+        rank 0's plan, so that every rank stops at the same step."""
+        was_frozen = self.plan.frozen
+        self.plan.update(self.step, time.perf_counter() - self._session_t0, session_steps)
+        if self.dist.distributed and not was_frozen:
+            plan = torch.tensor([self.plan.total, int(self.plan.frozen)], device=self.device)
+            dist.broadcast(plan, src=0)
+            self.plan.total, self.plan.frozen = int(plan[0]), bool(plan[1])
+        return self.plan.total
+
+    def _lr(self, step: int | None = None) -> float:
+        """The AdamW rate (``cfg.lr`` × the schedule) of update ``step`` (default: the next)."""
+        step = self.step if step is None else step
+        return self.cfg.lr * lr_factor(step, self.cfg, self.plan.total)
 
     def _mfu(self, tokens_per_s: float) -> float:
         if not self._flops_per_token:
@@ -325,7 +318,7 @@ class Trainer:
         if path is None:
             log.info("no checkpoint under %s; starting fresh", self.ckpt_dir)
             return None
-        state = load_checkpoint(path, self.raw_model, self.optimizer, map_location=self.device)
+        state = self.parallel.load_checkpoint(path, self.optimizer, map_location=self.device)
         self.sampler.load_state_dict(state.sampler_state)
         if state.rng_states:
             restore_rng_state(state.rng_states)
@@ -343,6 +336,7 @@ class Trainer:
             )
         self.step = state.step
         self.tokens_seen = int(extra.get("tokens_seen", 0))
+        self.plan.load_state_dict(extra.get("step_plan", {}))
         self.train_time_s = float(extra.get("train_time_s", 0.0))
         self.history = list(extra.get("history", []))
         self.eval_history = list(extra.get("eval_history", []))
@@ -353,13 +347,14 @@ class Trainer:
 
     def _checkpoint(self) -> None:
         assert self.ckpt_dir is not None
+        model_view, optim_view = self.parallel.checkpoint_views(self.optimizer)  # FSDP: gathers
         if self.dist.is_main:
             self.last_checkpoint = save_checkpoint(
                 self.ckpt_dir,
                 self.step,
-                self.raw_model,
-                self.optimizer,
-                {"kind": "warmup_cosine", "step": self.step, "lr": lr_at(self.step, self.cfg)},
+                model_view,
+                optim_view,
+                {"kind": f"warmup_{self.cfg.schedule}", "step": self.step, "lr": self._lr()},
                 self.sampler.state_dict(),
                 capture_rng_state(),
                 {
@@ -368,6 +363,7 @@ class Trainer:
                     "history": self.history,
                     "eval_history": self.eval_history,
                     "train_config": self.cfg.to_dict(),
+                    "step_plan": self.plan.state_dict(time.perf_counter() - self._session_t0),
                 },
                 keep_last=self.keep_checkpoints,
             )
@@ -391,9 +387,7 @@ class Trainer:
     def _train_step(self) -> tuple[float, float, dict[str, float], int]:
         """One optimiser update; returns (loss, grad_norm, objective metrics, global tokens)."""
         cfg = self.cfg
-        lr = lr_at(self.step, cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr_factor(self.optimizer, lr_factor(self.step, cfg, self.plan.total))
         loss_sum = torch.zeros((), device=self.device)
         metric_sums: dict[str, torch.Tensor] = {}
         tokens = 0
@@ -404,9 +398,7 @@ class Trainer:
             if self._flops_per_token is None:
                 fpt = getattr(self.raw_model, "flops_per_token", None)
                 self._flops_per_token = float(fpt(seq_len)) if callable(fpt) else 0.0
-            sync = micro == cfg.grad_accum - 1 or self.ddp is None
-            ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()  # type: ignore[union-attr]
-            with ctx:
+            with self.parallel.no_sync(micro == cfg.grad_accum - 1):
                 with self._autocast():
                     loss, metrics = self.objective(self.train_model, batch)
                 (loss / cfg.grad_accum).backward()
@@ -424,7 +416,7 @@ class Trainer:
         if not math.isfinite(loss_val):
             raise NonFiniteLossError(self.step + 1, loss_val, "loss", self.last_checkpoint)
         clip = cfg.grad_clip if cfg.grad_clip and cfg.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip))
+        grad_norm = self.parallel.clip_grad_norm(clip)  # the global norm, FSDP shards or not
         if not math.isfinite(grad_norm):
             raise NonFiniteLossError(
                 self.step + 1, grad_norm, "gradient norm", self.last_checkpoint
@@ -435,29 +427,31 @@ class Trainer:
         return loss_val, grad_norm, metrics_out, tokens * self.dist.world_size
 
     def fit(self, resume: bool = False) -> TrainResult:
-        """Train to ``cfg.steps``; with ``resume`` continue from the latest checkpoint."""
+        """Train to ``cfg.steps`` (or for ``cfg.minutes``); with ``resume`` continue from the
+        latest checkpoint."""
         cfg = self.cfg
         wall0 = time.perf_counter()
         resumed_from = self._resume() if resume else None
+        self._session_t0, session_steps = time.perf_counter(), 0
         self.train_model.train()
         window: list[tuple[float, float, int]] = []  # (loss, seconds, tokens) since last log
         session_tokens, session_time = 0, 0.0
         final_eval: dict[str, float] = {}
         last: dict[str, float] = {}
-        while self.step < cfg.steps:
+        while self.step < self._planned(session_steps):
             t0 = time.perf_counter()
             loss, gnorm, obj_metrics, tokens = self._train_step()
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             dt = time.perf_counter() - t0
-            self.step += 1
+            self.step, session_steps = self.step + 1, session_steps + 1
             self.tokens_seen += tokens
             self.train_time_s += dt
             session_tokens, session_time = session_tokens + tokens, session_time + dt
-            lr = lr_at(self.step - 1, cfg)
+            lr = self._lr(self.step - 1)
             self.history.append({"step": self.step, "loss": loss, "lr": lr, "grad_norm": gnorm})
             window.append((loss, dt, tokens))
-            done = self.step == cfg.steps
+            done = self.step == self._planned(session_steps)
             if (cfg.log_every > 0 and self.step % cfg.log_every == 0) or done:
                 secs = sum(w[1] for w in window)
                 tps = sum(w[2] for w in window) / secs if secs > 0 else float("nan")
@@ -469,11 +463,12 @@ class Trainer:
                     "tokens_per_s": tps,
                     "mfu": self._mfu(tps),
                     "tokens_seen": float(self.tokens_seen),
+                    **({"planned_steps": float(self.plan.total)} if cfg.minutes else {}),
                 }
                 window = []
                 self._emit("on_metrics", self.step, last)
                 if self.dist.is_main:
-                    log.info("step %d/%d %s", self.step, cfg.steps, _fmt(last))
+                    log.info("step %d/%d %s", self.step, self.plan.total, _fmt(last))
             if self.evaluator is not None and (
                 (cfg.eval_every > 0 and self.step % cfg.eval_every == 0) or done
             ):

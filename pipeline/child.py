@@ -41,6 +41,8 @@ class PipesProgress:
         self.pipes, self.every, self.total = pipes, max(every, 1), total
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        if "planned_steps" in metrics:  # a run sized in minutes: the trainer's current plan
+            self.total = int(metrics["planned_steps"])
         if step % self.every == 0:
             shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
             of = f"/{self.total}" if self.total else ""

@@ -139,8 +139,8 @@ class StageConfig:
             raise ValueError(f"{cls.__name__}: missing input path(s) {missing}")
         train = {k: v for k, v in keys.items() if k in train_names}
         train.setdefault("seed", profile.get("seed", 1337))
-        if steps:
-            train["steps"] = int(steps)
+        if steps:  # an explicit step count means exactly that many: no time budget
+            train["steps"], train["minutes"] = int(steps), None
         if device:  # the run's device wins over the section's
             train["device"] = device
         fields: dict[str, Any] = {k: v for k, v in keys.items() if k in own}

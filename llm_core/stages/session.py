@@ -134,10 +134,12 @@ def fit_and_save(
     )
     before = trainer.evaluate() if evaluator is not None and evaluate_start else {}
     result = trainer.fit(resume=resume)
+    final = trainer.parallel.export()  # FSDP: the full weights gathered to rank 0 (all ranks call)
     written: dict[str, Any] = {}
     if info.is_main:
-        save(model, out)
-        num_params = getattr(model, "num_params", None)
+        assert final is not None
+        save(final, out)
+        num_params = getattr(final, "num_params", None)
         written = {
             **result.to_dict(),
             "num_params": num_params() if callable(num_params) else None,

@@ -180,3 +180,16 @@ def test_serve_smoke() -> None:
     assert all(len(r) == res["clients"] for r in res["tokens_per_request"]["four"])
     assert res["server"]["max_batch_seen"] >= 2  # the four requests shared decoding steps
     assert res["server"]["running"] == 0
+
+
+def test_recipe_quality_smoke() -> None:
+    """Both recipes train for a couple of seconds on the tests' corpus; bpb lands in the table."""
+    res = run_smoke("recipe_quality.py")
+    assert [r["recipe"] for r in res["rows"]] == ["old", "new"]
+    assert (
+        res["recipes"]["new"]["optimizer"] == "muon"
+        and res["recipes"]["old"]["schedule"] == "cosine"
+    )
+    for row in res["rows"]:
+        assert row["steps"] >= 1 and row["val_bpb"] > 0 and row["tokens_seen"] > 0
+        assert res["val_bpb"][row["recipe"]][str(row["minutes"])] == row["val_bpb"]

@@ -113,3 +113,26 @@ def test_torchrun_two_ranks_match_single_process(tmp_path: Path) -> None:
         "step_00000002",
         "step_00000004",
     ]
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_train_for_minutes_with_muon(tmp_path: Path) -> None:
+    """Muon and a time budget under DDP: both ranks stop at rank 0's planned step (broadcast, as
+    each rank measures its own step time) and the WSD decay completes."""
+    shards = make_shards(tmp_path / "shards")
+    path = _profile(tmp_path / "ddp.yaml")
+    profile = yaml.safe_load(path.read_text())
+    profile["pretrain"].update(steps=0, minutes=0.05, optimizer="muon", schedule="wsd",
+                               eval_every=0, checkpoint_every=0, grad_accum=1)  # fmt: skip
+    path.write_text(yaml.safe_dump(profile))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "llm_core.stages.pretrain", "--shards-dir", str(shards), "--tokenizer",
+           str(sample_tokenizer(tmp_path / "tokenizer.json")), "--out", str(tmp_path / "ddp"),
+           "--profile", str(path), "--device", "cpu", "--log-level", "WARNING"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    steps = metrics["steps"]
+    assert metrics["world_size"] == 2 and steps >= 2 and len(metrics["history"]) == steps
+    assert metrics["history"][-1]["lr"] == pytest.approx(1e-2 * 0.1)  # the decay completed

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+from types import SimpleNamespace
+
+import pytest
+
 from llm_core.stages.base import Markdown
-from pipeline.child import metadata_value
+from pipeline.child import PipesProgress, metadata_value
 
 
 def test_figures_are_typed_by_their_python_type() -> None:
@@ -30,3 +35,14 @@ def test_figures_are_typed_by_their_python_type() -> None:
         "ci": "json",
         "counts": "json",
     }
+
+
+def test_progress_lines_follow_a_time_budgets_plan(caplog: pytest.LogCaptureFixture) -> None:
+    """A run sized in minutes reports its current plan; the ``step N/M`` lines (which
+    ``scriptorium run`` turns into its progress bar and ETA) follow it."""
+    pipes = SimpleNamespace(log=logging.getLogger("test.pipes"))  # what Pipes' log offers
+    progress = PipesProgress(pipes, every=5, total=0)
+    with caplog.at_level(logging.INFO, logger="test.pipes"):
+        progress.on_metrics(5, {"loss": 3.0, "planned_steps": 180.0})
+        progress.on_metrics(10, {"loss": 2.9, "planned_steps": 172.0})
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["step 5/180", "step 10/172"]
