@@ -16,6 +16,7 @@ from pipeline.assets import (
 )
 from pipeline.automation import JOBS, SCHEDULES, SENSORS
 from pipeline.checks import ALL_CHECKS
+from pipeline.executors import executor_from_env
 from pipeline.publish_job import publish_hf_export
 from pipeline.resources import resources_from_env
 from pipeline.sft_checks import SFT_CHECKS
@@ -47,4 +48,5 @@ defs = dg.Definitions(
     schedules=SCHEDULES,
     sensors=SENSORS,
     resources=resources_from_env(),
+    executor=executor_from_env(),  # SCRIPTORIUM_EXECUTOR: multiprocess | celery | k8s
 )

@@ -61,14 +61,32 @@ def upstream_versions(context: dg.AssetExecutionContext, keys: Sequence[str]) ->
     return out
 
 
-def child_command(compute: Compute) -> list[str]:
-    """The child, alone or under ``torchrun`` with ``compute.nproc_per_node`` ranks."""
-    if compute.nproc_per_node > 1:
-        return [
-            sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={compute.nproc_per_node}", "-m", CHILD,
-        ]  # fmt: skip
-    return [sys.executable, "-m", CHILD]
+def child_command(compute: Compute, module: str = CHILD) -> list[str]:
+    """``module`` (the child) alone, or under ``torchrun``: ``compute.nproc_per_node`` ranks on
+    this node, and with ``compute.nnodes`` > 1 this node's part of a multi-node job
+    (:meth:`Compute.torchrun_args`: c10d or static rendezvous at ``compute.rdzv_endpoint``)."""
+    args = compute.torchrun_args()
+    if args:
+        return [sys.executable, "-m", "torch.distributed.run", *args, "-m", module]
+    return [sys.executable, "-m", module]
+
+
+def other_nodes_note(compute: Compute, extras: Mapping[str, Any], paths: Paths, name: str) -> str:
+    """Write this run's child extras where every node sees them (the data root) and say how the
+    other nodes join: the same child under ``torchrun``, their own ``node_rank``, reading the
+    extras from the environment as every rank but 0 does (README, "Scaling out")."""
+    path = paths.root() / ".launch" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(extras))
+    os.replace(tmp, path)
+    node = compute.model_copy(update={"node_rank": 1})
+    args = " ".join(node.torchrun_args()).replace("--node_rank=1", "--node_rank=$NODE_RANK")
+    return (
+        f"multi-node run: {compute.nnodes} nodes; on each other node (NODE_RANK=1..."
+        f'{compute.nnodes - 1}) run: {EXTRAS_ENV}="$(cat {path})" python -m '
+        f"torch.distributed.run {args} -m {CHILD}"
+    )
 
 
 def launch_stage(
@@ -118,6 +136,15 @@ def launch_stage(
         "data_version": version_hash(upstream, *version_parts),
     }
     env = {**os.environ, **compute.child_env(os.environ), EXTRAS_ENV: json.dumps(extras)}
+    if compute.nnodes > 1:
+        if compute.rdzv_backend != "static":
+            raise ValueError(
+                "a multi-node run launched by Dagster needs Compute.rdzv_backend 'static' "
+                "(SCRIPTORIUM_RDZV_BACKEND=static): global rank 0 reports to Dagster and must be "
+                "this node's, and c10d orders the nodes itself (use c10d with torchrun by hand)"
+            )
+        name = f"{context.run.run_id[:8]}-{stage}"
+        context.log.info(other_nodes_note(compute, extras, paths, name))
     invocation = pipes_client.run(
         command=child_command(compute), context=context, extras=extras, env=env
     )

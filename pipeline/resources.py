@@ -113,8 +113,15 @@ class MlflowTracking(dg.ConfigurableResource):
 
 
 class Compute(dg.ConfigurableResource):
-    """Where training runs: ``device`` (auto/cpu/cuda), processes per node for ``torchrun``, and
-    the OpenMP threads of each child.
+    """Where training runs: ``device`` (auto/cpu/cuda), processes per node for ``torchrun``, the
+    nodes of a multi-machine job, and the OpenMP threads of each child.
+
+    Several machines (``nnodes`` > 1): every node runs ``torchrun`` with the same ``nnodes``,
+    ``rdzv_endpoint`` (``host:port`` of node 0, which hosts the rendezvous store) and
+    ``rdzv_id``, and its own ``node_rank``. ``rdzv_backend`` ``c10d`` (elastic) lets the
+    rendezvous order the nodes; ``static`` pins global rank 0 (the rank that writes the
+    artefacts, MLflow and the Dagster report) to ``node_rank`` 0, which is what a Dagster-launched
+    node 0 needs (README, "Scaling out").
 
     ``threads`` 0 gives each process its share of the cores this process may use. OpenMP waits
     ``PASSIVE`` by default: spinning threads cost 3-7x whenever anything else shares the cores
@@ -126,6 +133,42 @@ class Compute(dg.ConfigurableResource):
     nproc_per_node: int = 1
     threads: int = 0
     omp_wait_policy: str = "PASSIVE"
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str = ""  # host:port of node 0; needed when nnodes > 1
+    rdzv_id: str = "scriptorium"  # the same on every node of one job, new for the next job
+    rdzv_backend: str = "c10d"  # c10d | static
+
+    def torchrun_args(self) -> list[str]:
+        """``torchrun``'s options for this node; empty for a single process on one node."""
+        if self.nnodes > 1:
+            if not self.rdzv_endpoint or ":" not in self.rdzv_endpoint:
+                raise ValueError(
+                    f"Compute.rdzv_endpoint must be host:port of node 0 when nnodes={self.nnodes}"
+                    f" (got {self.rdzv_endpoint!r})"
+                )
+            if not 0 <= self.node_rank < self.nnodes:
+                raise ValueError(
+                    f"Compute.node_rank must be in [0, {self.nnodes}), got {self.node_rank}"
+                )
+            if self.rdzv_backend not in ("c10d", "static"):
+                raise ValueError(
+                    f"Compute.rdzv_backend must be 'c10d' or 'static', got {self.rdzv_backend!r}"
+                )
+            args = [
+                f"--nnodes={self.nnodes}",
+                f"--nproc_per_node={self.nproc_per_node}",
+                f"--rdzv_backend={self.rdzv_backend}",
+                f"--rdzv_endpoint={self.rdzv_endpoint}",
+                f"--rdzv_id={self.rdzv_id}",
+            ]
+            if self.rdzv_backend == "static":  # ranks follow node_rank
+                return [*args, f"--node_rank={self.node_rank}"]
+            # c10d orders the nodes itself; node 0 hosts the store, whatever its hostname says.
+            return [*args, f"--rdzv_conf=is_host={str(self.node_rank == 0).lower()}"]
+        if self.nproc_per_node > 1:
+            return ["--standalone", f"--nproc_per_node={self.nproc_per_node}"]
+        return []
 
     def child_env(self, environ: Mapping[str, str]) -> dict[str, str]:
         """The thread settings a training or evaluation child starts with."""
@@ -155,6 +198,19 @@ def profile_code_version(base: str, *keys: str, env: dict[str, str] | None = Non
     return f"{base}+{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
+def _pipes_from_env(env: Mapping[str, str]) -> Any:
+    """Where training children run: subprocesses here (default), or Kubernetes pods with
+    ``SCRIPTORIUM_PIPES=k8s`` (:mod:`pipeline.k8s`, imported only then)."""
+    kind = env.get("SCRIPTORIUM_PIPES", "subprocess")
+    if kind == "subprocess":
+        return dg.PipesSubprocessClient()
+    if kind == "k8s":
+        from pipeline.k8s import k8s_pipes_from_env
+
+        return k8s_pipes_from_env(env, str(data_root(env)))
+    raise ValueError(f"SCRIPTORIUM_PIPES must be 'subprocess' or 'k8s', got {kind!r}")
+
+
 def resources_from_env(env: dict[str, str] | None = None) -> dict[str, Any]:
     """Build the resource set from the documented environment variables."""
     env = dict(os.environ if env is None else env)
@@ -168,10 +224,15 @@ def resources_from_env(env: dict[str, str] | None = None) -> dict[str, Any]:
             token=dg.EnvVar("HF_TOKEN") if env.get("HF_TOKEN") else None,
             files_mirror=env.get("SCRIPTORIUM_FILES_MIRROR", ""),
         ),
-        "pipes": dg.PipesSubprocessClient(),
+        "pipes": _pipes_from_env(env),
         "compute": Compute(
             device=env.get("SCRIPTORIUM_DEVICE", "auto"),
             nproc_per_node=int(env.get("SCRIPTORIUM_NPROC", "1")),
             threads=int(env.get("SCRIPTORIUM_THREADS", "0")),
+            nnodes=int(env.get("SCRIPTORIUM_NNODES", "1")),
+            node_rank=int(env.get("SCRIPTORIUM_NODE_RANK", "0")),
+            rdzv_endpoint=env.get("SCRIPTORIUM_RDZV_ENDPOINT", ""),
+            rdzv_id=env.get("SCRIPTORIUM_RDZV_ID", "scriptorium"),
+            rdzv_backend=env.get("SCRIPTORIUM_RDZV_BACKEND", "c10d"),
         ),
     }

@@ -8,6 +8,7 @@
 #   chromium    a headless-capable Chromium                      Debian: chromium
 #   compose     `docker compose` or `docker-compose` (config only, no engine needed)
 #                                                                Debian: docker-compose
+#   redis       the Celery executor test's broker (redis-server) Debian: redis-server
 #   playwright  the Playwright Python package, if the venv lacks it (pip; never its browsers)
 #
 # Exit status 0 when every requested dependency is present afterwards; otherwise 1, with one line
@@ -24,6 +25,7 @@ PYTHON=${PYTHON:-$VENV_PYTHON}
 have_postgres() { command -v initdb >/dev/null || compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; }
 have_chromium() { command -v chromium >/dev/null || command -v chromium-browser >/dev/null; }
 have_compose() { docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null; }
+have_redis() { command -v redis-server >/dev/null; }
 have_playwright() { "$PYTHON" -c 'import playwright.sync_api' >/dev/null 2>&1; }
 
 apt_packages=()
@@ -33,6 +35,7 @@ for dep in "$@"; do
     postgres) have_postgres || apt_packages+=(postgresql) ;;
     chromium) have_chromium || apt_packages+=(chromium fonts-liberation) ;;
     compose) have_compose || apt_packages+=(docker-compose) ;;
+    redis) have_redis || apt_packages+=(redis-server) ;;
     playwright)
       have_playwright || timeout 300 "$PYTHON" -m pip install -q "$PLAYWRIGHT_PIN" >&2 \
         || echo "setup_system_deps: pip install $PLAYWRIGHT_PIN failed" >&2 ;;
@@ -60,6 +63,7 @@ for dep in "$@"; do
     postgres) have_postgres || missing+=("postgres: no initdb (apt-get install postgresql)") ;;
     chromium) have_chromium || missing+=("chromium: not installed (apt-get install chromium)") ;;
     compose) have_compose || missing+=("compose: neither 'docker compose' nor docker-compose") ;;
+    redis) have_redis || missing+=("redis: no redis-server (apt-get install redis-server)") ;;
     playwright) have_playwright || missing+=("playwright: pip install $PLAYWRIGHT_PIN") ;;
   esac
 done
