@@ -2,8 +2,11 @@
 
 :class:`RewardModel` scores a whole conversation (prompt + reply, in the SFT chat template) with
 one number. The backbone starts from the SFT weights; the head is a linear map of a pooled hidden
-state: the ``last`` real token (the reply's closing ``<|end|>``, which under causal attention has
-seen everything), or the ``mean`` / ``max`` over the real tokens.
+state: the ``last`` real token of the row (the reply's closing ``<|end|>`` when the row ends
+there, which under causal attention has seen everything), ``eos`` (the reply's own first
+``<|end|>``/``<|endoftext|>`` wherever it lies: it differs from ``last`` when the window holds
+more than the reply, e.g. a truncated multi-turn row or a packed one), or the ``mean`` (also
+spelt ``average``) / ``max`` over the real tokens.
 
 Training (the ``reward`` stage, :mod:`llm_core.stages.reward`) is the one
 :class:`~llm_core.trainer.Trainer` with :class:`llm_core.objectives.RewardObjective`: the
@@ -20,6 +23,7 @@ On disk a reward model is a folder with ``model.safetensors`` (backbone and head
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,7 +41,7 @@ from llm_core.generate import chat_replies
 from llm_core.model import Transformer
 from llm_core.sft import ChatSpecials, encode_replies
 
-POOLINGS = ("last", "mean", "max")
+POOLINGS = ("last", "eos", "mean", "average", "max")
 
 
 @dataclass(frozen=True)
@@ -46,10 +50,15 @@ class RewardConfig:
 
     model: ModelConfig
     pooling: str = "last"
+    # ``eos`` pooling: the ids that end a reply, and the id that opens it (``<|assistant|>``).
+    end_ids: tuple[int, ...] = ()
+    start_id: int | None = None
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.pooling == "eos" and not self.end_ids:
+            raise ValueError("eos pooling needs end_ids (the reply's end tokens)")
 
     @property
     def context_length(self) -> int:
@@ -60,7 +69,10 @@ class RewardConfig:
         return self.model.vocab_size
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.model.to_dict(), "pooling": self.pooling}
+        out = {**self.model.to_dict(), "pooling": self.pooling}
+        if self.end_ids:
+            out.update(end_ids=list(self.end_ids), start_id=self.start_id)
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RewardConfig:
@@ -68,20 +80,55 @@ class RewardConfig:
         if "pooling" not in rest:
             raise ValueError("not a reward model config: no 'pooling' key")
         pooling = rest.pop("pooling")
-        return cls(ModelConfig.from_dict(rest), pooling)
+        end_ids, start_id = tuple(rest.pop("end_ids", ())), rest.pop("start_id", None)
+        return cls(ModelConfig.from_dict(rest), pooling, end_ids, start_id)
 
 
-def pool_hidden(hidden: Tensor, lengths: Tensor, pooling: str) -> Tensor:
+def eos_positions(
+    ids: Tensor, lengths: Tensor, end_ids: Sequence[int], start_id: int | None = None
+) -> Tensor:
+    """[B] index of each row's reply end: the first of ``end_ids`` after the row's last
+    ``start_id`` (the reply's opening token; the row's start when None), among its real tokens.
+    A row whose reply was cut before its end (no end token after the start) gives its last
+    real token, the best remaining summary of the reply."""
+    b, t = ids.shape
+    pos = torch.arange(t, device=ids.device)[None, :].expand(b, t)
+    real = pos < lengths[:, None]
+    start = torch.zeros(b, dtype=torch.long, device=ids.device)
+    if start_id is not None:
+        opens = (ids == start_id) & real
+        start = torch.where(opens.any(1), (pos * opens).amax(1), start)
+    ends = torch.isin(ids, torch.tensor(list(end_ids), device=ids.device))
+    ends &= real & (pos > start[:, None])
+    first = torch.where(ends, pos, torch.full_like(pos, t)).amin(1)
+    return torch.where(first < t, first, lengths - 1)
+
+
+def pool_hidden(
+    hidden: Tensor,
+    lengths: Tensor,
+    pooling: str,
+    *,
+    ids: Tensor | None = None,
+    end_ids: Sequence[int] = (),
+    start_id: int | None = None,
+) -> Tensor:
     """[B, T, D] states of right-padded rows -> [B, D], over each row's ``lengths`` tokens:
-    ``last`` (the last real token), ``mean`` or ``max``. The reward model's and the
-    classifier's heads read the same pooled state."""
+    ``last`` (the last real token), ``eos`` (the reply's end, :func:`eos_positions`, which needs
+    the ``ids``), ``mean``/``average`` or ``max``. The reward model's and the classifier's heads
+    read the same pooled state."""
     b, t, _ = hidden.shape
     if bool((lengths < 1).any()) or bool((lengths > t).any()):
         raise ValueError(f"lengths must be in [1, {t}]")
+    rows = torch.arange(b, device=hidden.device)
     if pooling == "last":
-        return hidden[torch.arange(b, device=hidden.device), lengths - 1]
+        return hidden[rows, lengths - 1]
+    if pooling == "eos":
+        if ids is None or not end_ids:
+            raise ValueError("eos pooling needs the token ids and the end ids")
+        return hidden[rows, eos_positions(ids, lengths, end_ids, start_id)]
     real = torch.arange(t, device=hidden.device)[None, :] < lengths[:, None]  # [B, T]
-    if pooling == "mean":
+    if pooling in ("mean", "average"):
         h = hidden.float() * real[..., None]
         return (h.sum(1) / lengths[:, None].to(h.dtype)).to(hidden.dtype)
     return hidden.masked_fill(~real[..., None], float("-inf")).amax(dim=1)
@@ -90,9 +137,15 @@ def pool_hidden(hidden: Tensor, lengths: Tensor, pooling: str) -> Tensor:
 class RewardModel(nn.Module):
     """A :class:`~llm_core.model.Transformer` backbone and a scalar head over pooled states."""
 
-    def __init__(self, backbone: Transformer, pooling: str = "last") -> None:
+    def __init__(
+        self,
+        backbone: Transformer,
+        pooling: str = "last",
+        end_ids: Sequence[int] = (),
+        start_id: int | None = None,
+    ) -> None:
         super().__init__()
-        self.config = RewardConfig(backbone.config, pooling)
+        self.config = RewardConfig(backbone.config, pooling, tuple(end_ids), start_id)
         self.backbone = backbone
         self.head = nn.Linear(backbone.config.d_model, 1)
         nn.init.normal_(self.head.weight, std=0.02)
@@ -102,9 +155,12 @@ class RewardModel(nn.Module):
     def pooling(self) -> str:
         return self.config.pooling
 
-    def pool(self, hidden: Tensor, lengths: Tensor) -> Tensor:
+    def pool(self, hidden: Tensor, lengths: Tensor, ids: Tensor | None = None) -> Tensor:
         """[B, T, D] states of right-padded rows -> [B, D] (:func:`pool_hidden`)."""
-        return pool_hidden(hidden, lengths, self.pooling)
+        c = self.config
+        return pool_hidden(
+            hidden, lengths, c.pooling, ids=ids, end_ids=c.end_ids, start_id=c.start_id
+        )
 
     def forward(
         self, idx: Tensor, lengths: Tensor, *, return_hidden: bool = False
@@ -112,7 +168,7 @@ class RewardModel(nn.Module):
         """Reward per row [B] (float32) of right-padded ``idx`` [B, T] with ``lengths`` [B] real
         tokens; with ``return_hidden`` also the hidden states [B, T, D] (for an LM loss)."""
         hidden = self.backbone.hidden_states(idx)
-        rewards = self.head(self.pool(hidden, lengths)).squeeze(-1).float()
+        rewards = self.head(self.pool(hidden, lengths, idx)).squeeze(-1).float()
         return (rewards, hidden) if return_hidden else rewards
 
     def num_params(self) -> int:
@@ -136,33 +192,90 @@ def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> R
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path}: missing reward model config")
     cfg = RewardConfig.from_dict(json.loads(cfg_path.read_text()))
-    model = RewardModel(Transformer(cfg.model), cfg.pooling)
+    model = RewardModel(Transformer(cfg.model), cfg.pooling, cfg.end_ids, cfg.start_id)
     model.load_state_dict(load_state_dict(folder), strict=True)
     return model.to(device).eval()
 
 
 # ------------------------------------------------------------------------------ held-out metrics
-def expected_calibration_error(margins: np.ndarray, n_bins: int = 10) -> float:
-    """ECE of the pairwise prediction ``p = σ(r_chosen − r_rejected)``.
+def calibration_bins(margins: np.ndarray, n_bins: int = 10) -> list[dict[str, float]]:
+    """The reliability table of the pairwise prediction ``p = σ(r_chosen − r_rejected)``.
 
     Each pair is a binary prediction: the model says "chosen wins" with confidence ``max(p,
-    1 − p)``, and is right when ``p > 0.5``. Pairs are binned by confidence into ``n_bins`` equal
-    bins of [0.5, 1]; ECE is the pair-weighted mean of ``|accuracy − confidence|`` per bin (Guo et
-    al., 2017). A tie (``p = 0.5``) is half right. 0 is perfectly calibrated.
-    """
+    1 − p)``, and is right when ``p > 0.5`` (a tie, ``p = 0.5``, is half right). Pairs are binned
+    by confidence into ``n_bins`` equal bins of [0.5, 1]; each bin gives its range, pair count,
+    accuracy and mean confidence (NaN for an empty bin)."""
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
     m = np.asarray(margins, dtype=np.float64).reshape(-1)
-    if m.size == 0:
-        return float("nan")
     p = 1.0 / (1.0 + np.exp(-m))
     conf = np.maximum(p, 1.0 - p)
     correct = np.where(m > 0, 1.0, np.where(m == 0, 0.5, 0.0))
     bins = np.minimum(((conf - 0.5) * 2 * n_bins).astype(int), n_bins - 1)
-    ece = 0.0
+    out = []
     for k in range(n_bins):
         sel = bins == k
-        if sel.any():
-            ece += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
-    return float(ece)
+        out.append(
+            {
+                "lo": 0.5 + k / (2 * n_bins),
+                "hi": 0.5 + (k + 1) / (2 * n_bins),
+                "count": float(sel.sum()),
+                "accuracy": float(correct[sel].mean()) if sel.any() else float("nan"),
+                "confidence": float(conf[sel].mean()) if sel.any() else float("nan"),
+            }
+        )
+    return out
+
+
+def expected_calibration_error(margins: np.ndarray, n_bins: int = 10) -> float:
+    """ECE of the pairwise prediction (Guo et al., 2017): the pair-weighted mean over the
+    :func:`calibration_bins` of ``|accuracy − confidence|``. 0 is perfectly calibrated."""
+    m = np.asarray(margins, dtype=np.float64).reshape(-1)
+    if m.size == 0:
+        return float("nan")
+    return float(
+        sum(
+            b["count"] / m.size * abs(b["accuracy"] - b["confidence"])
+            for b in calibration_bins(m, n_bins)
+            if b["count"]
+        )
+    )
+
+
+def reliability_diagram(margins: np.ndarray, path: Path, n_bins: int = 10) -> Path:
+    """A reliability diagram (accuracy against confidence per bin, the diagonal being perfect
+    calibration, pair counts on the bars) as a PNG at ``path``; its title gives the ECE."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display in workers or CI
+    import matplotlib.pyplot as plt
+
+    from llm_core.data import atomic_write_bytes
+
+    bins = calibration_bins(margins, n_bins)
+    fig, ax = plt.subplots(figsize=(4.5, 4), dpi=80)
+    try:
+        width = 0.5 / n_bins
+        for b in bins:
+            if b["count"]:
+                ax.bar(b["lo"], b["accuracy"], width=width, align="edge", color="tab:blue",
+                       edgecolor="black", alpha=0.8)  # fmt: skip
+                ax.text(b["lo"] + width / 2, min(b["accuracy"], 0.95) + 0.02,
+                        str(int(b["count"])), ha="center", fontsize=7)  # fmt: skip
+        ax.plot([0.5, 1.0], [0.5, 1.0], "k--", linewidth=1, label="perfect calibration")
+        ax.set_xlim(0.5, 1.0)
+        ax.set_ylim(0.0, 1.05)
+        ax.set_xlabel("confidence max(p, 1-p), p = σ(margin)")
+        ax.set_ylabel("pairwise accuracy")
+        ece = expected_calibration_error(margins, n_bins)
+        ax.set_title(f"reward model reliability: ECE {ece:.3f} ({n_bins} bins)")
+        ax.legend(loc="lower right", fontsize=7)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
 
 
 def reward_metrics(margins: np.ndarray, n_bins: int = 10) -> dict[str, float]:
@@ -199,12 +312,12 @@ def pair_margins(model: nn.Module, batches: Sequence[Mapping[str, Tensor]]) -> n
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def make_reward_evaluator(batches: Sequence[Mapping[str, Tensor]]) -> Any:
+def make_reward_evaluator(batches: Sequence[Mapping[str, Tensor]], n_bins: int = 10) -> Any:
     """A trainer evaluator: ``val_loss`` (Bradley–Terry), ``val_reward_accuracy``,
-    ``val_reward_margin`` and ``val_ece`` on held-out pairs."""
+    ``val_reward_margin`` and ``val_ece`` (``n_bins`` bins) on held-out pairs."""
 
     def evaluator(model: nn.Module) -> dict[str, float]:
-        m = reward_metrics(pair_margins(model, batches))
+        m = reward_metrics(pair_margins(model, batches), n_bins)
         return {
             "val_loss": m["loss"],
             "val_reward_accuracy": m["accuracy"],
@@ -276,10 +389,17 @@ def policy_win_rate(
     rb_text = chat_replies(baseline, tokenizer, prompts, max_new_tokens, batch_size=batch_size)
     ra = score_replies(reward_model, tokenizer, prompts, ra_text, batch_size)
     rb = score_replies(reward_model, tokenizer, prompts, rb_text, batch_size)
+
+    def mean_tokens(texts: list[str]) -> float:  # a length-hacked win shows here
+        enc = tokenizer.encode_batch(texts, add_special_tokens=False) if texts else []
+        return float(np.mean([len(e.ids) for e in enc])) if enc else float("nan")
+
     return {
         **reward_win_rate(ra, rb, tie_tolerance=REWARD_TIE_TOLERANCE),
         "reward_mean": float(ra.mean()) if ra.size else float("nan"),
         "baseline_reward_mean": float(rb.mean()) if rb.size else float("nan"),
+        "reply_tokens_mean": mean_tokens(ra_text),
+        "baseline_reply_tokens_mean": mean_tokens(rb_text),
         "examples": [
             {"prompt": p[-1]["content"], "reply": a, "baseline_reply": b}
             for p, a, b in list(zip(prompts, ra_text, rb_text, strict=True))[:examples]

@@ -28,9 +28,19 @@ STAGE_ASSETS = {
     "dpo": "rlhf_weights",
     "grpo": "rlhf_weights",
     "best_of_n": "rlhf_weights",
+    "rrhf": "rlhf_weights",
+    "weighted": "rlhf_weights",
     "classify": "spam_classifier",
     "classify_multi": "text_classifier",
 }
+
+
+RLHF_PREFIX = "rlhf"  # each alignment method's own aligned model: the asset rlhf/<method>
+
+
+def rlhf_method_key(method: str) -> str:
+    """The asset (and folder under the data root) of one method's aligned model."""
+    return f"{RLHF_PREFIX}/{method}"
 
 
 def data_root(env: Mapping[str, str] | None = None) -> Path:

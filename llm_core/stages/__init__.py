@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-STAGES = ("pretrain", "sft", "reward", "dpo", "grpo", "best_of_n", "classify", "classify_multi")
+STAGES = ("pretrain", "sft", "reward", "dpo", "grpo", "best_of_n", "rrhf", "weighted", "classify",
+          "classify_multi")  # fmt: skip
 
 
 def stage_module(name: str) -> ModuleType:

@@ -1,4 +1,4 @@
-"""What the alignment stages (``dpo``, ``grpo``, ``best_of_n``) share: the ``rlhf`` profile
+"""What the alignment stages (``dpo``, ``grpo``, ``best_of_n``, ``rrhf``, ``weighted``) share: the ``rlhf`` profile
 section, the preference splits they read, and the reward-model win rate over the SFT model that
 each reports, so the methods can be compared on one figure."""
 
@@ -48,8 +48,8 @@ class RLHFConfig(PairsConfig):
     SECTION = "rlhf"
     INPUTS = ("train_path", "val_path", "init_weights", "tokenizer", "reward_model")
     # The section's keys for the win rate or for a sibling method.
-    SHARED = frozenset({"method", "beta", "win_rate_prompts", "max_new_tokens"})
-    BLOCKS = frozenset({"dpo", "grpo", "best_of_n"})
+    SHARED = frozenset({"method", "methods", "beta", "win_rate_prompts", "max_new_tokens"})
+    BLOCKS = frozenset({"dpo", "grpo", "best_of_n", "rrhf", "weighted"})
 
     reward_model: Path
     win_rate_prompts: int = 8  # held-out prompts for the reward-model win rate over SFT; 0: off
@@ -135,6 +135,8 @@ def win_rate_figures(summary: Mapping[str, Any]) -> dict[str, Any]:
         ),
         "policy_reward_mean": win.get("reward_mean"),
         "sft_reward_mean": win.get("baseline_reward_mean"),
+        "reply_tokens_mean": win.get("reply_tokens_mean"),
+        "sft_reply_tokens_mean": win.get("baseline_reply_tokens_mean"),
         "win_rate_examples": Markdown(examples) if examples else None,
     }
 

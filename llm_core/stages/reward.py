@@ -11,6 +11,7 @@ gives held-out pairwise accuracy before and after, the reward margin and calibra
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +28,16 @@ from llm_core.reward import (
     RewardModel,
     load_reward_model,
     make_reward_evaluator,
+    pair_margins,
+    reliability_diagram,
     save_reward_model,
     score_replies,
 )
+from llm_core.sft import ChatSpecials
 from llm_core.stages.alignment import PairsConfig, pairs_session, read_preferences
-from llm_core.stages.base import StageResult, module_main
+from llm_core.stages.base import Markdown, StageResult, module_main
 from llm_core.stages.session import fit_and_save
+from llm_core.trainer import resolve_device
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,10 +48,13 @@ class Config(PairsConfig):
 
     pooling: str = "last"  # the hidden state(s) the scalar head reads: one of POOLINGS
     lm_loss_weight: float = 0.0  # > 0 adds this times the next-token loss on the chosen reply
+    ece_bins: int = 10  # confidence bins of the calibration error and the reliability diagram
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
             raise ValueError(f"reward pooling {self.pooling!r} is not one of {list(POOLINGS)}")
+        if self.ece_bins < 1:
+            raise ValueError(f"ece_bins must be >= 1, got {self.ece_bins}")
 
 
 def examples(config: Config, n: int = 3) -> dict[str, str]:
@@ -70,7 +78,14 @@ def figures(summary: dict[str, Any]) -> dict[str, Any]:
         "val_accuracy_ci95": wilson_interval(acc * n, n) if acc is not None and n else None,
         **{
             k: summary.get(k)
-            for k in ("val_accuracy_before", "val_margin", "val_ece", "pooling", "lm_loss_weight")
+            for k in (
+                "val_accuracy_before",
+                "val_margin",
+                "val_ece",
+                "ece_bins",
+                "pooling",
+                "lm_loss_weight",
+            )  # fmt: skip
         },
         "train_pairs": summary.get("train_pairs"),
         "val_pairs": summary.get("val_pairs"),
@@ -84,8 +99,12 @@ def run(config: Config, callbacks: Sequence[Any] = ()) -> StageResult:
     cfg = config.train
     with pairs_session(config) as (s, pairs):
         torch.manual_seed(cfg.seed)  # the head's init
-        model = RewardModel(s.model, config.pooling).to(s.info.device)
-        evaluator = make_reward_evaluator(pairs.val_batches) if pairs.val_batches else None
+        sp = ChatSpecials.from_tokenizer(s.tokenizer)
+        model = RewardModel(s.model, config.pooling, (sp.end, sp.eot), sp.assistant)
+        model = model.to(s.info.device)
+        evaluator = None
+        if pairs.val_batches:
+            evaluator = make_reward_evaluator(pairs.val_batches, config.ece_bins)
 
         def save(m: nn.Module, o: Path) -> None:
             save_reward_model(m, o)  # type: ignore[arg-type]
@@ -97,6 +116,7 @@ def run(config: Config, callbacks: Sequence[Any] = ()) -> StageResult:
                 "method": "reward",
                 "pooling": config.pooling,
                 "lm_loss_weight": config.lm_loss_weight,
+                "ece_bins": config.ece_bins,
                 "val_accuracy_before": before.get("val_reward_accuracy"),
                 "val_accuracy": after.get("val_reward_accuracy"),
                 "val_margin": after.get("val_reward_margin"),
@@ -121,11 +141,27 @@ def run(config: Config, callbacks: Sequence[Any] = ()) -> StageResult:
             callbacks=callbacks,
             resume=config.resume,
         )
+        val_batches = pairs.val_batches
     result = StageResult(fit.train, config.out_dir, fit.summary, samples_key="val_pair_rewards")
     if fit.summary:
         result.figures = figures(fit.summary)
         result.samples = examples(config)
+        if val_batches:
+            png = reliability(config, val_batches)
+            result.artifacts.append(png)
+            result.figures["reliability_diagram"] = Markdown(
+                f"![reliability diagram](data:image/png;base64,"
+                f"{base64.b64encode(png.read_bytes()).decode()})"
+            )
     return result
+
+
+def reliability(config: Config, batches: Sequence[Any]) -> Path:
+    """The saved model's reliability diagram on the held-out pairs, ``out_dir/reliability.png``
+    (MLflow keeps it under ``evaluation/``; the asset's metadata shows it inline)."""
+    model = load_reward_model(config.out_dir, device=resolve_device(config.train.device))
+    margins = pair_margins(model, batches)
+    return reliability_diagram(margins, config.out_dir / "reliability.png", config.ece_bins)
 
 
 main = module_main(__name__)

@@ -11,6 +11,13 @@ through :func:`pipeline.launch.launch_stage`:
   the profile's ``rlhf.method``; each method is its own MLflow run (stage = method). Metadata
   names the method, links the run, and gives the reward model's win rate of the aligned model
   over the SFT model on held-out prompts. Registered as ``scriptorium-rlhf``.
+* ``rlhf/<method>``: one asset per method listed in the profile's ``rlhf.methods`` (read when
+  the code location loads, as ``sft_sources/<id>`` are), each the SFT model aligned by that
+  method into its own folder ``$SCRIPTORIUM_DATA/rlhf/<method>/``, so the methods can be
+  compared side by side (``evaluation_report`` has a column per materialised method).
+  ``rlhf.method`` stays ``rlhf_weights``'s, the one model later assets read; ``rlhf.methods``
+  lists the others (``--select '*'`` runs ``rlhf.method`` plus these). Registered as
+  ``scriptorium-rlhf-<method>``.
 """
 
 from collections.abc import Iterator
@@ -18,9 +25,10 @@ from typing import Any
 
 import dagster as dg
 
-from pipeline.artefacts import STAGE_ASSETS
+from pipeline.artefacts import STAGE_ASSETS, rlhf_method_key
 from pipeline.launch import StageResources, launch_training
 from pipeline.resources import Compute, MlflowTracking, Paths, Profile, profile_code_version
+from pipeline.text.profile_data import load_time_profile
 
 GROUP = "training"  # the train_job runs every training stage, one at a time (pool)
 CODE_VERSION = "1"
@@ -40,7 +48,7 @@ class RewardConfig(dg.Config):
 class RLHFConfig(dg.Config):
     """Run-time knobs; everything else comes from the profile's ``rlhf`` section."""
 
-    method: str = ""  # dpo | grpo | best_of_n; empty keeps the profile's rlhf.method (dpo)
+    method: str = ""  # one of METHODS; empty keeps the profile's rlhf.method (dpo)
     resume: bool = False
     steps: int = 0  # 0 keeps the profile's steps for the method
 
@@ -122,3 +130,68 @@ def rlhf_weights(
         registered_model=RLHF_MODEL,
         resources=StageResources(paths, profile, mlflow, compute, pipes),
     )
+
+
+class MethodConfig(dg.Config):
+    """Run-time knobs of one ``rlhf/<method>`` asset; the rest is the profile's ``rlhf``."""
+
+    resume: bool = False
+    steps: int = 0  # 0 keeps the profile's steps for the method
+
+
+def profile_methods(profile: dict[str, Any]) -> list[str]:
+    """The profile's ``rlhf.methods`` (each checked), without ``rlhf.method``: that one is
+    ``rlhf_weights`` already, and training it twice would only cost time."""
+    section = dict(profile.get("rlhf") or {})
+    methods = list(section.get("methods") or [])
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"profile rlhf.methods: unknown method(s) {unknown}; one of {METHODS}")
+    main = str(section.get("method") or "dpo")
+    return [m for m in dict.fromkeys(methods) if m != main]
+
+
+def rlhf_method_asset(method: str) -> dg.AssetsDefinition:
+    """The asset ``rlhf/<method>``: ``sft_weights`` aligned by ``method`` into its own folder."""
+
+    @dg.asset(
+        key=dg.AssetKey(["rlhf", method]),
+        group_name=GROUP,
+        code_version=profile_code_version(CODE_VERSION, "rlhf", "seed"),
+        deps=[
+            dg.AssetKey("preference_pairs"),
+            dg.AssetKey("sft_weights"),
+            reward_model,
+            dg.AssetKey("bpe_tokenizer"),
+        ],
+        pool="train",
+        kinds={"pytorch", "mlflow"},
+        description=f"The chat model aligned by `{method}`, kept beside the other methods.",
+    )
+    def _method(
+        context: dg.AssetExecutionContext,
+        config: MethodConfig,
+        paths: Paths,
+        profile: Profile,
+        mlflow: MlflowTracking,
+        compute: Compute,
+        pipes: dg.PipesSubprocessClient,
+    ) -> Iterator[Any]:
+        yield from launch_training(
+            context,
+            method,
+            inputs=paths.artefacts().stage_inputs(method),
+            out=paths.asset_dir(rlhf_method_key(method)),
+            run=config,
+            upstream_keys=["preference_pairs", "sft_weights", "reward_model", "bpe_tokenizer"],
+            version_parts=[method, profile.load().get("rlhf")],
+            registered_model=f"{RLHF_MODEL}-{method}",
+            resources=StageResources(paths, profile, mlflow, compute, pipes),
+        )
+
+    return _method
+
+
+# Only the methods the profile keeps side by side (``rlhf.methods``), like ``sft_sources/<id>``.
+RLHF_METHODS = profile_methods(load_time_profile())
+rlhf_method_assets = [rlhf_method_asset(m) for m in RLHF_METHODS]

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 
 import dagster as dg
 
+from pipeline.artefacts import rlhf_method_key
+from pipeline.assets.alignment import RLHF_METHODS
 from pipeline.eval.checks import CHECKS, FINITE
 from pipeline.launch import launch_stage
 from pipeline.resources import Compute, MlflowTracking, Paths, Profile, profile_code_version
@@ -34,7 +36,11 @@ KEY = dg.AssetKey("evaluation_report")
 @dg.asset(
     group_name=GROUP,
     code_version=profile_code_version(CODE_VERSION, "evaluation", "seed", "pretrain", "sft_train"),
-    deps=[dg.AssetKey(k) for k in (*REQUIRED, *OPTIONAL)],
+    # ... and every rlhf/<method> the profile keeps: the report has a column per method
+    deps=[
+        *(dg.AssetKey(k) for k in (*REQUIRED, *OPTIONAL)),
+        *(dg.AssetKey.from_user_string(rlhf_method_key(m)) for m in RLHF_METHODS),
+    ],
     check_specs=[
         dg.AssetCheckSpec(name, asset=KEY, description=desc, blocking=name == FINITE)
         for name, (desc, _) in CHECKS.items()

@@ -254,7 +254,15 @@ def _continuations(report: Mapping[str, Any]) -> Rows | None:
     return continuation_table(report)
 
 
+def _methods(report: Mapping[str, Any]) -> Rows | None:
+    from pipeline.eval.methods import method_table
+
+    return method_table(report)
+
+
 TABLE_SECTIONS: tuple[tuple[str, Callable[[Mapping[str, Any]], Rows | None]], ...] = (
+    # each alignment method's own win rate over SFT (rlhf_weights and every rlhf/<method>)
+    ("Alignment methods: reward-model win rate over SFT", _methods),
     # the learning profiles (toy, verdict): margin = log p(preferred) - log p(rejected)
     ("Toy questions: greedy answers per stage", _questions),
     ("Pretraining: train and val loss per epoch", _epochs),

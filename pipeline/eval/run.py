@@ -29,6 +29,7 @@ from pipeline.artefacts import Artefacts
 from pipeline.eval import benchmarks, judge
 from pipeline.eval.checks import run_checks
 from pipeline.eval.humaneval import load_humaneval
+from pipeline.eval.methods import method_figures
 from pipeline.eval.mmlu import load_mmlu
 from pipeline.eval.mmlu_humaneval import mmlu_and_humaneval
 from pipeline.eval.prompts import generation_prompts, win_rate_prompts
@@ -332,6 +333,7 @@ def evaluate(
         "stages": stages,
         "win_rates": win_rates,
         "reward_model": _reward_summary(files),
+        "rlhf_methods": method_figures(files),  # one column per materialised method
         "sets": {
             k: (
                 {"available": v.available, "used": v.items.height, "rejected": v.rejects.height}

@@ -16,8 +16,10 @@ from llm_core.checkpoint import load_weights
 from llm_core.objectives import RewardObjective, bradley_terry_loss, masked_lm_loss
 from llm_core.reward import (
     RewardModel,
+    calibration_bins,
     expected_calibration_error,
     load_reward_model,
+    reliability_diagram,
     reward_metrics,
     save_reward_model,
     score_replies,
@@ -132,7 +134,23 @@ def test_calibration_metrics_on_hand_made_margins() -> None:
         reward_metrics(np.zeros(0))
 
 
-@pytest.mark.parametrize(("pooling", "lm_loss_weight"), [("last", 0.0), ("mean", 0.5)])
+def test_calibration_bins_and_the_reliability_diagram(tmp_path: Path) -> None:
+    margins = np.array([0.1, -0.2, 3.0, 3.2, -4.0, 0.0])
+    bins = calibration_bins(margins, n_bins=5)
+    assert len(bins) == 5 and sum(b["count"] for b in bins) == 6
+    assert bins[0]["lo"] == 0.5 and bins[-1]["hi"] == pytest.approx(1.0)
+    # One bin: ECE is |overall accuracy - mean confidence|.
+    conf = 1 / (1 + np.exp(-np.abs(margins)))
+    expected = abs((3 + 0.5) / 6 - conf.mean())
+    assert expected_calibration_error(margins, n_bins=1) == pytest.approx(expected)
+    assert expected_calibration_error(margins, n_bins=20) != pytest.approx(expected)
+    png = reliability_diagram(margins, tmp_path / "reliability.png", n_bins=5)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="n_bins"):
+        calibration_bins(margins, n_bins=0)
+
+
+@pytest.mark.parametrize(("pooling", "lm_loss_weight"), [("eos", 0.0), ("average", 0.5)])
 def test_reward_model_learns_a_marker_preference(
     chat_tok, lm_dir: Path, tmp_path: Path, pooling: str, lm_loss_weight: float
 ) -> None:
@@ -171,3 +189,6 @@ def test_reward_model_learns_a_marker_preference(
     rc = score_replies(rm, chat_tok, val.prompts, val.chosen)
     rr = score_replies(rm, chat_tok, val.prompts, val.rejected)
     assert reward_metrics(rc - rr)["accuracy"] == pytest.approx(s["val_accuracy"])
+    # The reliability diagram of the held-out pairs: a file for MLflow, inline in the figures.
+    assert run.artifacts == [tmp_path / "rm" / "reliability.png"]
+    assert run.figures["reliability_diagram"].startswith("![reliability diagram](data:image/png")

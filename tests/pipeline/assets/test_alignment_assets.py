@@ -1,4 +1,4 @@
-"""``reward_model`` and ``rlhf_weights`` (DPO, then GRPO) through ``dg.materialize``: real Pipes
+"""``reward_model``, ``rlhf_weights`` (DPO, then GRPO) and ``rlhf/weighted`` through ``dg.materialize``: real Pipes
 subprocesses, a real MLflow SQLite store under tmp_path, on a tiny random "SFT model", a tiny BPE
 and a small pairs file in the ``preference_pairs`` layout that the tests write themselves."""
 
@@ -13,7 +13,14 @@ import pytest
 import yaml
 
 from llm_core.stages import reward
-from pipeline.assets.alignment import RLHFConfig, reward_model, rlhf_method, rlhf_weights
+from pipeline.assets.alignment import (
+    RLHFConfig,
+    profile_methods,
+    reward_model,
+    rlhf_method,
+    rlhf_method_asset,
+    rlhf_weights,
+)
 from pipeline.resources import Compute, MlflowTracking, Paths, Profile
 from pipeline.text.preferences import PAIRS_SCHEMA, pair_id
 from tests.llm_core.training_helpers import chat_tokenizer, marker_pairs, save_tiny_lm
@@ -50,6 +57,14 @@ PROFILE = {
             "max_new_tokens": 6,
             "eval_prompts": 4,
         },
+        "weighted": {
+            "steps": 3,
+            "samples": 1,
+            "prompts": 12,
+            "val_prompts": 4,
+            "max_new_tokens": 6,
+            "weighting": "advantage",
+        },  # fmt: skip
     },
 }
 
@@ -101,7 +116,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, obj
 
 def _metadata(result: dg.ExecuteInProcessResult, key: str) -> dict[str, object]:
     [mat] = [
-        e for e in result.get_asset_materialization_events() if e.asset_key == dg.AssetKey(key)
+        e
+        for e in result.get_asset_materialization_events()
+        if e.asset_key == dg.AssetKey.from_user_string(key)
     ]
     return {k: v.value for k, v in mat.materialization.metadata.items()}
 
@@ -112,6 +129,14 @@ def test_rlhf_method_is_checked() -> None:
     assert rlhf_method(RLHFConfig(method="grpo"), profile) == "grpo"
     with pytest.raises(ValueError, match="'ppo' is not one of"):
         rlhf_method(RLHFConfig(method="ppo"), profile)
+
+
+def test_profile_methods_leave_out_the_main_one_and_are_checked() -> None:
+    rlhf = {"method": "dpo", "methods": ["rrhf", "dpo", "weighted", "rrhf"]}
+    assert profile_methods({"rlhf": rlhf}) == ["rrhf", "weighted"]
+    assert profile_methods({"rlhf": {"method": "dpo"}}) == [] == profile_methods({})
+    with pytest.raises(ValueError, match=r"rlhf.methods: unknown method\(s\) \['ppo'\]"):
+        profile_methods({"rlhf": {"methods": ["ppo"]}})
 
 
 def test_an_empty_train_split_is_refused_by_name(tmp_path: Path) -> None:
@@ -167,13 +192,30 @@ def test_reward_model_then_dpo_then_grpo(setup, monkeypatch: pytest.MonkeyPatch)
         assert grpo["registered_model"] == "scriptorium-rlhf v2"
         assert json.loads((data / "rlhf_weights" / "metrics.json").read_text())["method"] == "grpo"
 
+        # A method kept side by side: its own asset, folder and registered model.
+        third = dg.materialize(
+            [rlhf_method_asset("weighted")], resources=resources, instance=instance
+        )
+        assert third.success
+        weighted = _metadata(third, "rlhf/weighted")
+        assert weighted["method"] == "weighted" and weighted["weighting"] == "advantage"
+        assert weighted["registered_model"] == "scriptorium-rlhf-weighted v1"
+        assert weighted["win_rate_counts"]["n"] == 6 and weighted["ranked_groups"] > 0
+        assert (data / "rlhf" / "weighted" / "ranked" / "train.parquet").is_file()
+        assert json.loads((data / "rlhf" / "weighted" / "metrics.json").read_text())["steps"] == 3
+        assert json.loads((data / "rlhf_weights" / "metrics.json").read_text())["method"] == "grpo"
+        assert "reliability diagram" in str(rm["reliability_diagram"])
+
     client = MlflowClient(tracking_uri=resources["mlflow"].tracking_uri)
     exp = client.get_experiment_by_name("scriptorium")
     runs = {
         r.data.tags["scriptorium.stage"]: r
         for r in client.search_runs([exp.experiment_id], "tags.`dagster.asset_key` != ''")
     }
-    assert set(runs) == {"reward", "dpo", "grpo"}  # each method is its own run
+    assert set(runs) == {"reward", "dpo", "grpo", "weighted"}  # each method is its own run
+    assert runs["weighted"].data.tags["dagster.asset_key"] == "rlhf/weighted"
+    artifacts = [a.path for a in client.list_artifacts(runs["reward"].info.run_id, "evaluation")]
+    assert artifacts == ["evaluation/reliability.png"]
     assert runs["reward"].data.tags["dagster.asset_key"] == "reward_model"
     assert runs["dpo"].data.tags["dagster.run_id"] == first.run_id
     assert runs["grpo"].data.tags["dagster.run_id"] == second.run_id
