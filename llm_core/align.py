@@ -39,7 +39,7 @@ from torch import nn
 
 from llm_core.config import TrainConfig
 from llm_core.data.sampler import StepSampler
-from llm_core.objectives import DPOObjective
+from llm_core.objectives import DPOObjective, evaluate_objective
 from llm_core.sft import ChatDataset, ChatSpecials, encode_replies
 from llm_core.trainer import DistInfo
 
@@ -271,27 +271,9 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------ DPO
-@torch.no_grad()
 def evaluate_dpo(
     model: nn.Module, objective: DPOObjective, batches: Sequence[Mapping[str, torch.Tensor]]
 ) -> dict[str, float]:
     """DPO loss, implicit-reward accuracy and margin, and policy log-probs on held-out pairs,
     weighted by pairs per batch (the objective itself computes them, so train and val agree)."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    sums: dict[str, float] = {}
-    n = 0
-    try:
-        for batch in batches:
-            b = {k: v.to(device) for k, v in batch.items()}
-            rows = int(b["chosen_ids"].size(0))
-            _, metrics = objective(model, b)
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * rows
-            n += rows
-    finally:
-        model.train(was_training)
-    if n == 0:
-        raise ValueError("evaluate_dpo: no validation pairs")
-    return {f"val_{k}": v / n for k, v in sums.items()}
+    return evaluate_objective(model, objective, batches, count_key="chosen_ids", what="pairs")

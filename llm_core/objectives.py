@@ -18,7 +18,7 @@ is imported when a :class:`GRPOObjective` is built, not at module level.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
@@ -149,6 +149,37 @@ def add_router_losses(
     metrics.update(router_metrics)
     metrics["moe_aux_loss"] = extra.detach()
     return loss + extra, metrics
+
+
+@torch.no_grad()
+def evaluate_objective(
+    model: nn.Module,
+    objective: Objective,
+    batches: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    count_key: str,
+    what: str,
+) -> dict[str, float]:
+    """An objective's own metrics on held-out batches as ``val_*``, weighted by the rows of
+    ``batch[count_key]`` (pairs, groups), so train and validation compute them the same way."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    n = 0
+    try:
+        for batch in batches:
+            b = {k: v.to(device) for k, v in batch.items()}
+            rows = int(b[count_key].size(0))
+            _, metrics = objective(model, b)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * rows
+            n += rows
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise ValueError(f"no validation {what}")
+    return {f"val_{k}": v / n for k, v in sums.items()}
 
 
 def _has_fused_loss(model: nn.Module) -> bool:

@@ -34,7 +34,7 @@ import torch
 from tokenizers import Tokenizer
 from torch import Tensor, nn
 
-from llm_core.objectives import add_router_losses, per_token_nll
+from llm_core.objectives import add_router_losses, evaluate_objective, per_token_nll
 from llm_core.sft import ChatDataset, encode_replies
 
 Messages = list[dict[str, str]]
@@ -375,26 +375,8 @@ class ListwiseRewardObjective:
         return add_router_losses(model, loss, metrics)
 
 
-@torch.no_grad()
 def evaluate_ranked(
     model: nn.Module, objective: Any, batches: Sequence[Mapping[str, Tensor]]
 ) -> dict[str, float]:
     """The objective's metrics on held-out groups, weighted by groups per batch, as ``val_*``."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    sums: dict[str, float] = {}
-    n = 0
-    try:
-        for batch in batches:
-            b = {k: v.to(device) for k, v in batch.items()}
-            g = int(b["scores"].size(0))
-            _, metrics = objective(model, b)
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * g
-            n += g
-    finally:
-        model.train(was_training)
-    if n == 0:
-        raise ValueError("evaluate_ranked: no validation groups")
-    return {f"val_{k}": v / n for k, v in sums.items()}
+    return evaluate_objective(model, objective, batches, count_key="scores", what="groups")

@@ -32,6 +32,7 @@ from pipeline.text.profile_data import load_time_profile
 
 GROUP = "training"  # the train_job runs every training stage, one at a time (pool)
 CODE_VERSION = "1"
+ALIGN_INPUTS = [dg.AssetKey(k) for k in ("preference_pairs", "sft_weights", "bpe_tokenizer")]
 REWARD_MODEL = "scriptorium-reward"
 RLHF_MODEL = "scriptorium-rlhf"
 # The alignment stages: every stage whose artefact is rlhf_weights (pipeline/artefacts.py).
@@ -87,6 +88,30 @@ def reward_model(
     )
 
 
+def _align(
+    context: dg.AssetExecutionContext,
+    method: str,
+    asset_key: str,
+    run: dg.Config,
+    registered_model: str,
+    resources: StageResources,
+) -> Iterator[Any]:
+    """Align ``sft_weights`` with ``method`` into ``asset_key``'s folder: the one launch that
+    ``rlhf_weights`` and every ``rlhf/<method>`` share."""
+    paths, profile = resources.paths, resources.profile
+    yield from launch_training(
+        context,
+        method,
+        inputs=paths.artefacts().stage_inputs(method),
+        out=paths.asset_dir(asset_key),
+        run=run,
+        upstream_keys=["preference_pairs", "sft_weights", "reward_model", "bpe_tokenizer"],
+        version_parts=[method, profile.load().get("rlhf")],
+        registered_model=registered_model,
+        resources=resources,
+    )
+
+
 def rlhf_method(config: RLHFConfig, profile: Profile) -> str:
     """The run's method: the config's, else the profile's ``rlhf.method``, else ``dpo``."""
     method = config.method or str(profile.section("rlhf").get("method") or "dpo")
@@ -98,12 +123,7 @@ def rlhf_method(config: RLHFConfig, profile: Profile) -> str:
 @dg.asset(
     group_name=GROUP,
     code_version=profile_code_version(CODE_VERSION, "rlhf", "seed"),
-    deps=[
-        dg.AssetKey("preference_pairs"),
-        dg.AssetKey("sft_weights"),
-        reward_model,
-        dg.AssetKey("bpe_tokenizer"),
-    ],
+    deps=[*ALIGN_INPUTS, reward_model],
     pool="train",
     kinds={"pytorch", "mlflow"},
 )
@@ -119,17 +139,8 @@ def rlhf_weights(
     """The aligned chat model: ``sft_weights`` after DPO, GRPO or best-of-n."""
     method = rlhf_method(config, profile)
     context.log.info(f"aligning sft_weights with {method}")
-    yield from launch_training(
-        context,
-        method,
-        inputs=paths.artefacts().stage_inputs(method),
-        out=paths.asset_dir("rlhf_weights"),
-        run=config,
-        upstream_keys=["preference_pairs", "sft_weights", "reward_model", "bpe_tokenizer"],
-        version_parts=[method, profile.load().get("rlhf")],
-        registered_model=RLHF_MODEL,
-        resources=StageResources(paths, profile, mlflow, compute, pipes),
-    )
+    resources = StageResources(paths, profile, mlflow, compute, pipes)
+    yield from _align(context, method, "rlhf_weights", config, RLHF_MODEL, resources)
 
 
 class MethodConfig(dg.Config):
@@ -158,12 +169,7 @@ def rlhf_method_asset(method: str) -> dg.AssetsDefinition:
         key=dg.AssetKey(["rlhf", method]),
         group_name=GROUP,
         code_version=profile_code_version(CODE_VERSION, "rlhf", "seed"),
-        deps=[
-            dg.AssetKey("preference_pairs"),
-            dg.AssetKey("sft_weights"),
-            reward_model,
-            dg.AssetKey("bpe_tokenizer"),
-        ],
+        deps=[*ALIGN_INPUTS, reward_model],
         pool="train",
         kinds={"pytorch", "mlflow"},
         description=f"The chat model aligned by `{method}`, kept beside the other methods.",
@@ -177,17 +183,9 @@ def rlhf_method_asset(method: str) -> dg.AssetsDefinition:
         compute: Compute,
         pipes: dg.PipesSubprocessClient,
     ) -> Iterator[Any]:
-        yield from launch_training(
-            context,
-            method,
-            inputs=paths.artefacts().stage_inputs(method),
-            out=paths.asset_dir(rlhf_method_key(method)),
-            run=config,
-            upstream_keys=["preference_pairs", "sft_weights", "reward_model", "bpe_tokenizer"],
-            version_parts=[method, profile.load().get("rlhf")],
-            registered_model=f"{RLHF_MODEL}-{method}",
-            resources=StageResources(paths, profile, mlflow, compute, pipes),
-        )
+        resources = StageResources(paths, profile, mlflow, compute, pipes)
+        key, model = rlhf_method_key(method), f"{RLHF_MODEL}-{method}"
+        yield from _align(context, method, key, config, model, resources)
 
     return _method
 
