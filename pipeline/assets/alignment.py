@@ -57,11 +57,7 @@ class RLHFConfig(dg.Config):
 @dg.asset(
     group_name=GROUP,
     code_version=profile_code_version(CODE_VERSION, "reward_train", "seed"),
-    deps=[
-        dg.AssetKey("preference_pairs"),
-        dg.AssetKey("sft_weights"),
-        dg.AssetKey("bpe_tokenizer"),
-    ],
+    deps=ALIGN_INPUTS,
     pool="train",
     kinds={"pytorch", "mlflow"},
 )

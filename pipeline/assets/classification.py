@@ -207,6 +207,30 @@ def _init(config: ClassifyConfig) -> Path | None:
     return Path(config.init_weights).expanduser().resolve() if config.init_weights else None
 
 
+def _classify(
+    context: dg.AssetExecutionContext,
+    stage: str,
+    config: ClassifyConfig,
+    upstream: list[str],
+    registered_model: str,
+    resources: StageResources,
+) -> Iterator[Any]:
+    """Train classification ``stage`` into its asset's folder: the one launch both classifier
+    assets share (its profile section is the stage's name; ``init_weights`` may override)."""
+    paths = resources.paths
+    yield from launch_training(
+        context,
+        stage,
+        inputs=paths.artefacts().stage_inputs(stage, _init(config)),
+        out=paths.asset_dir(STAGE_ASSETS[stage]),
+        run=config,
+        upstream_keys=upstream,
+        version_parts=[resources.profile.load().get(stage), config.init_weights],
+        registered_model=registered_model,
+        resources=resources,
+    )
+
+
 @dg.asset(
     group_name=GROUP,
     code_version=profile_code_version(CODE_VERSION, "classify", "seed"),
@@ -224,17 +248,9 @@ def spam_classifier(
     pipes: dg.PipesSubprocessClient,
 ) -> Iterator[Any]:
     """The pretrained model fine-tuned as an SMS spam classifier (one head)."""
-    yield from launch_training(
-        context,
-        "classify",
-        inputs=paths.artefacts().stage_inputs("classify", _init(config)),
-        out=paths.asset_dir(STAGE_ASSETS["classify"]),
-        run=config,
-        upstream_keys=[SMS, "pretrained_weights", "bpe_tokenizer"],
-        version_parts=[profile.load().get("classify"), config.init_weights],
-        registered_model=SPAM_MODEL,
-        resources=StageResources(paths, profile, mlflow, compute, pipes),
-    )
+    resources = StageResources(paths, profile, mlflow, compute, pipes)
+    upstream = [SMS, "pretrained_weights", "bpe_tokenizer"]
+    yield from _classify(context, "classify", config, upstream, SPAM_MODEL, resources)
 
 
 @dg.asset(
@@ -259,14 +275,6 @@ def text_classifier(
     pipes: dg.PipesSubprocessClient,
 ) -> Iterator[Any]:
     """One backbone with a spam head and a paragraph-language head, trained jointly."""
-    yield from launch_training(
-        context,
-        "classify_multi",
-        inputs=paths.artefacts().stage_inputs("classify_multi", _init(config)),
-        out=paths.asset_dir(STAGE_ASSETS["classify_multi"]),
-        run=config,
-        upstream_keys=[SMS, PARAGRAPHS, "pretrained_weights", "bpe_tokenizer"],
-        version_parts=[profile.load().get("classify_multi"), config.init_weights],
-        registered_model=MULTI_MODEL,
-        resources=StageResources(paths, profile, mlflow, compute, pipes),
-    )
+    resources = StageResources(paths, profile, mlflow, compute, pipes)
+    upstream = [SMS, PARAGRAPHS, "pretrained_weights", "bpe_tokenizer"]
+    yield from _classify(context, "classify_multi", config, upstream, MULTI_MODEL, resources)
